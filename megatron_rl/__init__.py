@@ -1,0 +1,1 @@
+"""megatron-rl: Kimi k1.5-style reinforcement learning of LLMs on megatron-core."""

@@ -1,0 +1,190 @@
+"""The run configuration: one typed tree, loaded from YAML, with dotted `key=value` overrides.
+
+Every section forbids unknown keys, so a typo fails loudly with the allowed names instead of
+being ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from megatron_rl.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    hf_path: str | None = Field(None, description="HF model directory (safetensors or one .gguf file)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_sequence_length: int = Field(4096, ge=16)
+
+
+class ParallelConfig(Section):
+    tp: int = Field(1, ge=1, description="tensor-parallel size")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size")
+    cp: int = Field(1, ge=1, description="context-parallel size (GPU with Transformer Engine only)")
+
+
+class RolloutConfig(Section):
+    engine: Literal["embedded", "sglang"] = "embedded"
+    samples_per_prompt: int = Field(8, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+
+
+class AlgoConfig(Section):
+    loss: Literal["k15", "grpo", "ppo_clip"] = "k15"
+    tau: float = Field(0.1, gt=0.0, description="k1.5 regulariser weight on the squared log-ratio")
+    length_normalization: Literal["sum", "mean"] = "sum"
+    length_penalty_weight: float = Field(0.0, ge=0.0)
+    length_penalty_warmup_iterations: int = Field(0, ge=0)
+    clip_eps: float = Field(0.2, gt=0.0)
+    clip_eps_high: float | None = Field(None, gt=0.0)
+    kl_coef: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(Section):
+    lr: float = Field(1e-6, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_steps: int = Field(1000, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
+    optimizer_steps_per_iteration: int = Field(1, ge=1)
+    reset_optimizer_each_iteration: bool = True
+    micro_batch_size: int = Field(4, ge=1)
+    seed: int = 1234
+
+
+class DataConfig(Section):
+    prompts: str | None = Field(None, description="JSONL prompt file")
+    prompts_per_iteration: int = Field(8, ge=1)
+    seed: int = 1234
+
+
+class RewardConfig(Section):
+    type: Literal["math"] = "math"
+
+
+class HybridConfig(Section):
+    weight_sync: Literal["disk", "cuda_ipc", "nccl"] = "disk"
+    bucket_size_mb: int = Field(512, ge=1, description="bound on one streamed weight bucket")
+    shm_dir: str = "/dev/shm"
+
+
+class ControlConfig(Section):
+    store: Literal["memory", "etcd"] = "memory"
+    etcd_endpoints: list[str] = Field(default_factory=list)
+    run_name: str = "megatron-rl"
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tensorboard: bool = True
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load `path` (YAML) if given, apply `key.sub=value` overrides, validate the whole tree."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        tree = _read_yaml(Path(path))
+    for override in overrides:
+        key, value = _parse_override(override)
+        _check_key_path(key, f"override '{override}'")
+        _set_dotted(tree, key, value)
+    return _validate(tree, source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(Config.model_fields)})")
+    return tree
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{override}' is not of the form section.key=value (e.g. algo.tau=0.05)")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        value = raw_value  # not YAML: take the text as a plain string and let validation judge it
+    return key.strip(), value
+
+
+def _check_key_path(dotted_key: str, what: str) -> None:
+    model: type[BaseModel] = Config
+    walked: list[str] = []
+    for part in dotted_key.split("."):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(walked) or "the top level"
+            raise UserError(f"{what}: unknown config key '{dotted_key}'; allowed keys under {where}: {', '.join(fields)}")
+        walked.append(part)
+        annotation = fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif part != dotted_key.split(".")[-1]:
+            raise UserError(f"{what}: config key '{'.'.join(walked)}' is a value, not a section")
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    *sections, leaf = dotted_key.split(".")
+    node = tree
+    for section in sections:
+        child = node.get(section)
+        if not isinstance(child, dict):
+            child = node[section] = {}
+        node = child
+    node[leaf] = value
+
+
+def _validate(tree: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except pydantic.ValidationError as error:
+        raise UserError(f"config ({source}): " + "; ".join(_describe(e) for e in error.errors())) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent_path = [str(part) for part in error["loc"][:-1]]
+        model: type[BaseModel] = Config
+        for part in parent_path:
+            model = model.model_fields[part].annotation  # type: ignore[assignment]
+        where = ".".join(parent_path) or "the top level"
+        return f"unknown key '{key}'; allowed keys under {where}: {', '.join(model.model_fields)}"
+    return f"'{key}': {error['msg']} (got {error.get('input')!r})"

@@ -1,0 +1,43 @@
+"""`megatron-rl engine ...` subcommands."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    engine = subparsers.add_parser("engine", help="the embedded rollout engine (SGLang's HTTP API on CPU)")
+    actions = engine.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    serve = actions.add_parser(
+        "serve", help="serve a HF causal LM over SGLang's native HTTP API (torch + transformers, continuous batching)")
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF model directory (config.json + safetensors, or one .gguf)")
+    parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000, as SGLang)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                        help="auto: load the weights; dummy: random weights from config.json (until a weight sync)")
+    parser.add_argument("--max-running-requests", type=int, default=8, help="bound on the running batch")
+    parser.add_argument("--weight-version", default="default", help="initial weight_version (SGLang's default: 'default')")
+    parser.add_argument("--random-seed", type=int, default=None, help="seed for unseeded sampling and dummy weights")
+    parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from megatron_rl.errors import UserError
+
+    if args.max_running_requests < 1:
+        raise UserError(f"--max-running-requests must be ≥ 1 (got {args.max_running_requests})")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"the embedded engine needs fastapi and uvicorn ({error}); pip install fastapi uvicorn") from None
+    from megatron_rl.rollout.embedded_server import serve
+
+    return serve(args.model, host=args.host, port=args.port, load_format=args.load_format,
+                 max_running_requests=args.max_running_requests, weight_version=args.weight_version,
+                 random_seed=args.random_seed, log_level=args.log_level)

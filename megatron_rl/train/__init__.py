@@ -1,0 +1,1 @@
+"""Trainer side: megatron-core model, conversion, training step, offload, checkpoints."""

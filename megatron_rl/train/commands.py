@@ -1,0 +1,68 @@
+"""`megatron-rl convert ...` subcommands."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    convert = subparsers.add_parser("convert", help="convert weights between HF and megatron-core")
+    actions = convert.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    to_mcore = actions.add_parser("hf-to-mcore", help="HF safetensors or GGUF → megatron dist checkpoint")
+    to_mcore.add_argument("--hf", required=True, help="HF model directory (safetensors, or one .gguf file)")
+    to_mcore.add_argument("--out", required=True, help="new checkpoint directory")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    to_mcore.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    to_mcore.set_defaults(handler=_hf_to_mcore)
+
+    to_hf = actions.add_parser("mcore-to-hf", help="megatron checkpoint → HF safetensors, streamed in buckets")
+    to_hf.add_argument("--mcore", required=True, help="megatron-rl checkpoint directory")
+    to_hf.add_argument("--out", required=True, help="new HF model directory")
+    to_hf.add_argument("--bucket-mb", type=int, default=512, help="bound on one streamed bucket (MiB)")
+    to_hf.set_defaults(handler=_mcore_to_hf)
+
+    verify = actions.add_parser("verify", help="compare megatron-core and transformers logits on random tokens")
+    verify.add_argument("--hf", required=True, help="HF model directory (safetensors, or one .gguf file)")
+    verify.add_argument("--tp", type=int, default=1)
+    verify.add_argument("--pp", type=int, default=1)
+    verify.add_argument("--tolerance", type=float, default=1e-3, help="max allowed |Δlogits|")
+    verify.add_argument("--sequence-length", type=int, default=32)
+    verify.set_defaults(handler=_verify)
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    from megatron_rl.errors import UserError
+
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
+
+
+def _hf_to_mcore(args: argparse.Namespace) -> int:
+    from megatron_rl.train.convert_commands import hf_to_mcore
+
+    _positive(args, "tp", "pp")
+    hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype)
+    return 0
+
+
+def _mcore_to_hf(args: argparse.Namespace) -> int:
+    from megatron_rl.train.convert_commands import mcore_to_hf
+
+    _positive(args, "bucket_mb")
+    mcore_to_hf(args.mcore, args.out, args.bucket_mb)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from megatron_rl.train.convert_commands import verify
+
+    _positive(args, "tp", "pp", "sequence_length")
+    result = verify(args.hf, args.tp, args.pp, args.tolerance, sequence_length=args.sequence_length)
+    verdict = "OK" if result.passed else "FAIL"
+    print(
+        f"{verdict}: max |Δlogits| = {result.max_abs_logits_difference:.3e} (tolerance {result.tolerance:.1e}, "
+        f"max |logit| {result.max_abs_logit:.2f}) at TP={args.tp} PP={args.pp}"
+    )
+    return 0 if result.passed else 1

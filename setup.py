@@ -1,0 +1,41 @@
+"""megatron-rl: Kimi k1.5-style reinforcement learning of LLMs on megatron-core."""
+from setuptools import find_packages, setup
+
+# torch is pinned exactly: CPU machines carry a local 2.13.0 CPU build, and an unpinned torch
+# would pull several GB of CUDA wheels.
+TORCH = "torch==2.13.0"
+
+setup(
+    name="megatron-rl",
+    version="0.1.0",
+    description="Kubernetes-native large-scale RL for LLMs (k1.5-style) on megatron-core",
+    packages=find_packages(include=["megatron_rl", "megatron_rl.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        TORCH,
+        "numpy",
+        "pydantic>=2.6",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "transformers>=4.51,<6",
+        "rich>=13",
+        # Answer equivalence for math rewards (fractions, LaTeX, sets) without hand-written parsers.
+        "math-verify==0.9.0",
+        # The embedded engine server speaks SGLang's HTTP API (the client itself needs only stdlib).
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+    ],
+    extras_require={
+        # megatron-core 0.17+ needs Python 3.12; psutil is an undeclared need of its
+        # dist_checkpointing (a save hangs without it). transformer-engine and apex are
+        # GPU-image extras installed in deploy/docker, not here.
+        "train": ["megatron-core==0.16.1", "psutil", "tensorboard"],
+        # The real GGUF demo model is dequantized through transformers.
+        "demo": ["gguf", "accelerate"],
+        # SGLang is the production engine and runs on GPU only.
+        "rollout": ["sglang==0.5.23"],
+        "deploy": ["kubernetes", "etcd3"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megatron-rl=megatron_rl.cli:main"]},
+)
