@@ -56,10 +56,3 @@ def test_malformed_override_and_yaml(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 
-
-def test_examples_directory_configs_load():
-    from pathlib import Path
-
-    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
-    for example in examples:
-        load_config(example)

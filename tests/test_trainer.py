@@ -94,6 +94,13 @@ def _single_rank_behaviour(hf_dir: Path):
         silent = toy_batch()
         silent.loss_mask = [[0.0] * len(mask) for mask in silent.loss_mask]
         results["masked_grad_norm"] = make_trainer(hf_dir, ["train.grad_clip=0"]).train_iteration(silent)["grad_norm"]
+        # bf16: the optimizer's fp32 main weights follow the loaded HF weights, not the random init.
+        tokens = torch.tensor([toy_batch().token_ids[0]])
+        expected = megatron_full_logits(make_trainer(hf_dir, []).model, tokens)
+        bf16 = make_trainer(hf_dir, ["model.dtype=bfloat16", "train.lr=1e-6"])
+        bf16.train_iteration(toy_batch())
+        results["bf16_logits_difference"] = (megatron_full_logits(bf16.model, tokens) - expected).abs().max().item()
+        results["logit_scale"] = expected.abs().max().item()
         return results
 
 
@@ -108,6 +115,7 @@ def test_trainer_single_rank_behaviour(tiny_models):
     skipped_in_metrics, skipped_total, unchanged = results["nan"]
     assert skipped_in_metrics == 1 and skipped_total == 1 and unchanged
     assert results["masked_grad_norm"] == 0.0
+    assert results["bf16_logits_difference"] < 0.05 * results["logit_scale"]
 
 
 def test_train_batch_rejects_misaligned_masks():

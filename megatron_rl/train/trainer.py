@@ -110,13 +110,16 @@ class PolicyTrainer:
         from megatron_rl.train.convert import load_hf_weights
 
         load_hf_weights(self.model, reader, self.arch)
-        # Megatron's DDP keeps its own fp32 main params only for bf16; fp32 params are trained in place.
+        # With bf16 the optimizer keeps fp32 main copies made at construction: refresh them.
+        self.optimizer.reload_model_params()
 
     def save(self, directory: str | Path, iteration: int, extra: dict | None = None) -> None:
         save_checkpoint(directory, self.model, self.arch, self.hf_source, self.optimizer, iteration, extra)
 
     def load(self, directory: str | Path, with_optimizer: bool = True) -> CheckpointManifest:
         manifest = load_checkpoint(directory, self.model, self.optimizer if with_optimizer else None)
+        if not with_optimizer:
+            self.optimizer.reload_model_params()
         if manifest.model_architecture != self.arch:
             raise UserError(f"checkpoint {directory} is of another model architecture than the run's")
         return manifest
