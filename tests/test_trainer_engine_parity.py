@@ -1,7 +1,6 @@
 """After the trainer's weights are pushed into the engine, both give the same log-probs."""
 from pathlib import Path
 
-import pytest
 import torch
 
 from engine_fixtures import EngineServer
@@ -21,13 +20,9 @@ def _train_and_export(hf_dir: Path, export_dir: Path) -> None:
         write_hf_model(trainer.model, trainer.arch, export_dir, hf_dir, bucket_bytes=2**16)
 
 
-def _trainer_logprobs(hf_dir: Path, export_dir: Path, sequences: list[list[int]]) -> dict[int, torch.Tensor]:
-    from megatron_rl.hf_checkpoint import SafetensorsReader
-
+def _trainer_logprobs(export_dir: Path, sequences: list[list[int]]) -> dict[int, torch.Tensor]:
     with parallel.model_parallel(1, 1):
-        trainer = make_trainer(export_dir, [])
-        trainer.load_hf(SafetensorsReader(export_dir))
-        return trainer.compute_logprobs(sequences)
+        return make_trainer(export_dir, []).compute_logprobs(sequences)  # make_trainer loads export_dir
 
 
 def test_engine_logprobs_match_trainer_after_weight_update(tiny_models, tmp_path):
@@ -48,7 +43,7 @@ def test_engine_logprobs_match_trainer_after_weight_update(tiny_models, tmp_path
         server.stop()
 
     sequences = [prompt + result.output_ids for prompt, result in zip(PROMPTS, results)]
-    trainer_logprobs = parallel.launch(_trainer_logprobs, 1, hf_dir, export_dir, sequences)[0]
+    trainer_logprobs = parallel.launch(_trainer_logprobs, 1, export_dir, sequences)[0]
     for index, (prompt, result) in enumerate(zip(PROMPTS, results)):
         assert result.weight_version == "1"
         engine = torch.tensor(result.output_logprobs)
