@@ -5,6 +5,8 @@ being ignored.
 """
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from megatron_rl.errors import UserError
+from megatron_rl.reward.repetition import RepetitionConfig
 
 
 class Section(BaseModel):
@@ -20,9 +23,10 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    hf_path: str | None = Field(None, description="HF model directory (safetensors or one .gguf file)")
+    hf_path: str | None = Field(
+        None, description="HF model directory (safetensors or one .gguf file), or builtin:NAME (see builtin_models.py)")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    max_sequence_length: int = Field(4096, ge=16)
+    max_sequence_length: int = Field(4096, ge=16, description="bound on prompt + response tokens (also the model's own limit)")
 
 
 class ParallelConfig(Section):
@@ -33,6 +37,12 @@ class ParallelConfig(Section):
 
 class RolloutConfig(Section):
     engine: Literal["embedded", "sglang"] = "embedded"
+    engine_url: str | None = Field(
+        None, description="a running engine (SGLang or `megatron-rl engine serve`); unset: start the embedded engine")
+    engine_max_running_requests: int = Field(64, ge=1, description="batch bound of the embedded engine this run starts")
+    engine_start_timeout_s: float = Field(300.0, gt=0.0)
+    seed: int | None = Field(1234, description="per-request sampling seeds derive from it; unset: unseeded sampling")
+    request_timeout_s: float = Field(600.0, gt=0.0, description="bound on one generation request")
     samples_per_prompt: int = Field(8, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(1.0, ge=0.0)
@@ -41,7 +51,8 @@ class RolloutConfig(Section):
 
 
 class AlgoConfig(Section):
-    loss: Literal["k15", "grpo", "ppo_clip"] = "k15"
+    loss: Literal["k15", "grpo", "ppo_clip", "rest"] = Field(
+        "k15", description="rest: fit the positive samples only (ReST-style baseline, paper Fig. 10)")
     tau: float = Field(0.1, gt=0.0, description="k1.5 regulariser weight on the squared log-ratio")
     length_normalization: Literal["sum", "mean"] = "sum"
     length_penalty_weight: float = Field(0.0, ge=0.0)
@@ -52,6 +63,7 @@ class AlgoConfig(Section):
 
 
 class TrainConfig(Section):
+    iterations: int = Field(10, ge=1, description="RL iterations of the run (the CLI's --iterations overrides it)")
     lr: float = Field(1e-6, gt=0.0)
     min_lr: float = Field(0.0, ge=0.0)
     lr_warmup_steps: int = Field(0, ge=0)
@@ -65,14 +77,37 @@ class TrainConfig(Section):
     seed: int = 1234
 
 
+class SyntheticDataConfig(Section):
+    """A generated prompt set, so demos and tests need no download (used when data.prompts is unset)."""
+
+    task: Literal["arithmetic", "echo"] = "arithmetic"
+    train_count: int = Field(512, ge=1)
+    eval_count: int = Field(64, ge=0, description="held-out problems, disjoint from the training ones")
+    seed: int = 0
+    max_operand: int = Field(100, ge=1, description="arithmetic: operands in [1, max_operand]")
+    operand_count: int = Field(2, ge=2, description="arithmetic: operands per problem; echo: digits per prompt")
+    operations: str = Field("+-*", description="arithmetic: the operations to draw from")
+
+
 class DataConfig(Section):
-    prompts: str | None = Field(None, description="JSONL prompt file")
+    prompts: str | None = Field(None, description="JSONL prompt file (format: megatron_rl/data/prompts.py)")
+    eval_prompts: str | None = Field(None, description="held-out JSONL prompt file for evaluation")
+    synthetic: SyntheticDataConfig | None = None
     prompts_per_iteration: int = Field(8, ge=1)
+    apply_chat_template: bool = Field(True, description="format prompts with the tokenizer's chat template, if it has one")
     seed: int = 1234
+
+
+class EvalConfig(Section):
+    interval: int = Field(0, ge=0, description="evaluate every N iterations; 0: only before the first and after the last")
+    max_prompts: int = Field(64, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="unset: rollout.max_new_tokens")
 
 
 class RewardConfig(Section):
     type: Literal["math"] = "math"
+    workers: int = Field(0, ge=0, description="reward worker processes; 0 scores in the driver process")
+    repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
 
 
 class HybridConfig(Section):
@@ -90,6 +125,7 @@ class ControlConfig(Section):
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     tensorboard: bool = True
+    save_rollouts: bool = Field(True, description="write every sample's text and reward to RUN_DIR/rollouts/")
 
 
 class Config(Section):
@@ -99,6 +135,7 @@ class Config(Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
@@ -144,6 +181,13 @@ def _parse_override(override: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field annotated `Section` or `Section | None`, else None (a value)."""
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+    return sections[0] if sections else None
+
+
 def _check_key_path(dotted_key: str, what: str) -> None:
     model: type[BaseModel] = Config
     walked: list[str] = []
@@ -153,9 +197,9 @@ def _check_key_path(dotted_key: str, what: str) -> None:
             where = ".".join(walked) or "the top level"
             raise UserError(f"{what}: unknown config key '{dotted_key}'; allowed keys under {where}: {', '.join(fields)}")
         walked.append(part)
-        annotation = fields[part].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        section = _section_type(fields[part].annotation)
+        if section is not None:
+            model = section
         elif part != dotted_key.split(".")[-1]:
             raise UserError(f"{what}: config key '{'.'.join(walked)}' is a value, not a section")
 
@@ -184,7 +228,7 @@ def _describe(error: dict[str, Any]) -> str:
         parent_path = [str(part) for part in error["loc"][:-1]]
         model: type[BaseModel] = Config
         for part in parent_path:
-            model = model.model_fields[part].annotation  # type: ignore[assignment]
+            model = _section_type(model.model_fields[part].annotation)  # type: ignore[assignment]
         where = ".".join(parent_path) or "the top level"
         return f"unknown key '{key}'; allowed keys under {where}: {', '.join(model.model_fields)}"
     return f"'{key}': {error['msg']} (got {error.get('input')!r})"

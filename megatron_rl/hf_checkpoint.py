@@ -29,8 +29,13 @@ def cache_root() -> Path:
 
 
 def resolve_hf_dir(path: str | Path) -> Path:
-    """Return a directory holding config.json and safetensors for `path`, converting a GGUF once."""
-    directory = Path(path)
+    """Return a directory holding config.json and safetensors for `path`, converting a GGUF once.
+
+    `path` may also name a builtin model (`builtin:NAME`, see builtin_models.py).
+    """
+    from megatron_rl.builtin_models import is_builtin, resolve_builtin
+
+    directory = resolve_builtin(str(path)) if is_builtin(path) else Path(path)
     if not directory.is_dir():
         raise UserError(f"HF model directory {directory} does not exist; pass a directory with config.json and *.safetensors (or one .gguf file)")
     if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):

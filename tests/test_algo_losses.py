@@ -9,6 +9,7 @@ from megatron_rl.algo import (
     grpo_loss,
     k15_loss,
     ppo_clip_loss,
+    rest_loss,
 )
 
 BATCH, SEQ, HIDDEN, VOCAB = 6, 5, 4, 7
@@ -212,3 +213,19 @@ def test_group_normalized_advantages():
 def test_advantages_accept_binary_integer_rewards():
     advantages = group_mean_baseline(torch.tensor([1, 0, 0, 0]), torch.tensor([0, 0, 1, 1]))
     torch.testing.assert_close(advantages, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+
+
+def test_rest_loss_fits_positive_samples_only_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.25, -4.0], [-3.0, -3.0, -3.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    positive = torch.tensor([1.0, 0.0, 1.0])  # the second sample is wrong: never pushed down
+    summed = rest_loss(logprobs, mask, positive, "sum")
+    assert summed.per_sample_loss.tolist() == [3.0, 0.0, 3.0]  # -(−1 −2), 0, -(−3); masked tokens ignored
+    assert summed.loss.item() == pytest.approx(2.0)
+    summed.loss.backward()
+    # d loss / d logprob = -1/b on trained tokens of positive samples, exactly 0 elsewhere.
+    expected = torch.tensor([[-1 / 3, -1 / 3, 0.0], [0.0, 0.0, 0.0], [-1 / 3, 0.0, 0.0]])
+    assert torch.allclose(logprobs.grad, expected) and (logprobs.grad[expected == 0] == 0).all()
+    mean = rest_loss(logprobs.detach(), mask, positive, "mean")
+    assert mean.per_sample_loss.tolist() == [1.5, 0.0, 3.0]
+    assert mean.metrics["positive_fraction"].item() == pytest.approx(2 / 3)

@@ -38,7 +38,7 @@ def test_unknown_override_key_and_section(tmp_path):
 
 
 def test_ill_typed_values_name_key_and_allowed_values():
-    with pytest.raises(UserError, match=r"'algo.loss'.*'k15', 'grpo' or 'ppo_clip'.*got 'reinforce'"):
+    with pytest.raises(UserError, match=r"'algo.loss'.*'k15', 'grpo', 'ppo_clip' or 'rest'.*got 'reinforce'"):
         load_config(None, ["algo.loss=reinforce"])
     with pytest.raises(UserError, match=r"'parallel.tp'.*greater than or equal to 1"):
         load_config(None, ["parallel.tp=0"])

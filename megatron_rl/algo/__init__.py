@@ -2,7 +2,7 @@
 
 from megatron_rl.algo.advantages import group_mean_baseline, group_normalized_advantages
 from megatron_rl.algo.length_penalty import length_penalty_weight, length_reward
-from megatron_rl.algo.losses import LossOutput, grpo_loss, k15_loss, ppo_clip_loss
+from megatron_rl.algo.losses import LossOutput, grpo_loss, k15_loss, ppo_clip_loss, rest_loss
 
 __all__ = [
     "LossOutput",
@@ -13,4 +13,5 @@ __all__ = [
     "length_penalty_weight",
     "length_reward",
     "ppo_clip_loss",
+    "rest_loss",
 ]

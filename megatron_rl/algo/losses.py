@@ -155,3 +155,21 @@ def grpo_loss(
     per_sample_loss = _aggregate_tokens(token_loss + kl_coef * token_kl, mask, length_normalization)
     metrics["kl_mean"] = _masked_token_mean(token_kl, mask).detach()
     return LossOutput(loss=per_sample_loss.mean(), per_sample_loss=per_sample_loss, metrics=metrics)
+
+
+def rest_loss(
+    logprobs: Tensor,
+    loss_mask: Tensor,
+    positive: Tensor,
+    length_normalization: LengthNormalization = "sum",
+) -> LossOutput:
+    """ReST-style baseline (paper §3.5, Fig. 10): maximum likelihood on the positive samples only.
+
+    loss_j = -positive_j * sum of sample j's masked token log-probs (or their mean under "mean"), with
+    positive_j = 1 for a sample worth imitating and 0 otherwise: good responses are fitted, wrong ones
+    are never pushed down — the negative gradients k1.5's loss has and this baseline lacks.
+    """
+    mask = loss_mask.bool()
+    per_sample_loss = -positive * _aggregate_tokens(logprobs, mask, length_normalization)
+    metrics = {"positive_fraction": positive.detach().float().mean()}
+    return LossOutput(loss=per_sample_loss.mean(), per_sample_loss=per_sample_loss, metrics=metrics)

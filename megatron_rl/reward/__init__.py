@@ -1,16 +1,25 @@
-"""Rewards for finished samples: rule-based maths checking, repetition detection, batch scoring."""
+"""Rewards for finished samples: rule-based maths checking, repetition detection, batch scoring.
 
-from megatron_rl.reward.batch import RewardRequest, RewardResult, score_batch
-from megatron_rl.reward.math import answers_equivalent, extract_final_answer, math_reward
-from megatron_rl.reward.repetition import RepetitionConfig, RepetitionDetector
+Names are imported on first use, so importing a light piece (the config imports RepetitionConfig)
+does not load math-verify and sympy.
+"""
+import importlib
 
-__all__ = [
-    "RepetitionConfig",
-    "RepetitionDetector",
-    "RewardRequest",
-    "RewardResult",
-    "answers_equivalent",
-    "extract_final_answer",
-    "math_reward",
-    "score_batch",
-]
+_EXPORTS = {
+    "RepetitionConfig": "repetition",
+    "RepetitionDetector": "repetition",
+    "RewardRequest": "batch",
+    "RewardResult": "batch",
+    "score_batch": "batch",
+    "answers_equivalent": "math",
+    "extract_final_answer": "math",
+    "math_reward": "math",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

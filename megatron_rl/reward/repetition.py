@@ -26,6 +26,7 @@ class RepetitionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    enabled: bool = Field(True, description="check rollouts for degenerate repetition")
     min_ngram: int = Field(1, ge=1, description="shortest repeated unit, in tokens")
     max_ngram: int = Field(256, ge=1, description="longest repeated unit, in tokens; bounds the per-call cost")
     min_repeats: int = Field(4, ge=2, description="copies of the unit the tail must hold")

@@ -1,10 +1,17 @@
-"""`megatron-rl convert ...` subcommands."""
+"""`megatron-rl train` (the RL run) and `megatron-rl convert ...` subcommands."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="run RL: rollout → reward → train → weight sync, per iteration")
+    train.add_argument("--config", help="YAML run config (e.g. megatron_rl/examples/tiny.yaml)")
+    train.add_argument("--run-dir", required=True, help="new directory for the run's metrics, logs and rollouts")
+    train.add_argument("--iterations", type=int, help="RL iterations (overrides train.iterations)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. algo.tau=0.05")
+    train.set_defaults(handler=_train)
+
     convert = subparsers.add_parser("convert", help="convert weights between HF and megatron-core")
     actions = convert.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -29,6 +36,25 @@ def register(subparsers) -> None:
     verify.add_argument("--tolerance", type=float, default=1e-3, help="max allowed |Δlogits|")
     verify.add_argument("--sequence-length", type=int, default=32)
     verify.set_defaults(handler=_verify)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from megatron_rl.config import load_config
+    from megatron_rl.rl_loop import run_rl
+
+    overrides = list(args.overrides)
+    if args.iterations is not None:
+        _positive(args, "iterations")
+        overrides.append(f"train.iterations={args.iterations}")
+    config = load_config(args.config, overrides)
+    logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.logging.level != "DEBUG":  # megatron logs its whole optimizer config and parameter list at INFO
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+    run_rl(config, Path(args.run_dir))
+    return 0
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:

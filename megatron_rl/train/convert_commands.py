@@ -72,22 +72,27 @@ def _mcore_to_hf_rank(mcore_dir: Path, out: Path, tp: int, pp: int, bucket_bytes
         arch = read_manifest(mcore_dir).model_architecture
         model = build_gpt_model(arch)
         load_checkpoint(mcore_dir, model)
-        write_hf_model(model, arch, out, mcore_dir / "hf", bucket_bytes)
+        write_hf_model(model, arch, out, mcore_dir / "hf", bucket_bytes,
+                       dtype=_hf_dtype(read_hf_config(mcore_dir / "hf")))
 
 
-def write_hf_model(model, arch: ModelArchitecture, out: Path, hf_source: Path, bucket_bytes: int) -> None:
-    """Collective: stream this stage's weights in buckets into sharded safetensors plus an index."""
+def write_hf_model(model, arch: ModelArchitecture, out: Path, hf_source: Path, bucket_bytes: int,
+                   dtype: torch.dtype | None = None) -> int:
+    """Collective: stream this stage's weights in buckets into sharded safetensors plus an index.
+
+    Tensors are written in `dtype` (None: the parameters' own). Returns the bytes written in all.
+    """
     from megatron.core import parallel_state
 
-    hf_config = read_hf_config(hf_source)
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    writes = parallel_state.get_tensor_model_parallel_rank() == 0
+    # One writer per pipeline stage: data-parallel replicas hold the same weights.
+    writes = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     weight_map: dict[str, str] = {}
     total_bytes = 0
-    for number, bucket in enumerate(iter_hf_buckets(model, arch, bucket_bytes, dtype=_hf_dtype(hf_config))):
+    for number, bucket in enumerate(iter_hf_buckets(model, arch, bucket_bytes, dtype=dtype)):
         file_name = f"model-stage{stage:03d}-{number:05d}.safetensors"
         if writes:
             save_file({name: tensor for name, tensor in bucket}, str(out / file_name), metadata={"format": "pt"})
@@ -95,13 +100,15 @@ def write_hf_model(model, arch: ModelArchitecture, out: Path, hf_source: Path, b
         total_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
     maps: list = [None] * dist.get_world_size()
     dist.all_gather_object(maps, (weight_map, total_bytes if writes else 0))
+    written = sum(size for _, size in maps)
     if dist.get_rank() == 0:
         merged = {name: file for stage_map, _ in maps for name, file in stage_map.items()}
-        index = {"metadata": {"total_size": sum(size for _, size in maps)}, "weight_map": dict(sorted(merged.items()))}
+        index = {"metadata": {"total_size": written}, "weight_map": dict(sorted(merged.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         shutil.copy2(hf_source / "config.json", out / "config.json")
         copy_tokenizer_files(hf_source, out)
     dist.barrier()
+    return written
 
 
 # --- verify ----------------------------------------------------------------------------------

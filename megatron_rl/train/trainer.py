@@ -160,12 +160,16 @@ class PolicyTrainer:
         group_ids = torch.tensor(batch.group_ids, dtype=torch.long)
         if self.config.algo.loss == "grpo":
             return algo.group_normalized_advantages(rewards, group_ids)
+        if self.config.algo.loss == "rest":  # no baseline: a 0/1 weight marks the samples to imitate
+            return (rewards > 0).float()
         return algo.group_mean_baseline(rewards, group_ids)
 
     def _loss(self, logprobs, reference_logprobs, loss_mask, advantages) -> algo.LossOutput:
         settings = self.config.algo
         if settings.loss == "k15":
             return algo.k15_loss(logprobs, reference_logprobs, loss_mask, advantages, settings.tau, settings.length_normalization)
+        if settings.loss == "rest":
+            return algo.rest_loss(logprobs, loss_mask, advantages, settings.length_normalization)
         if settings.loss == "ppo_clip":
             return algo.ppo_clip_loss(logprobs, reference_logprobs, loss_mask, advantages, settings.clip_eps, settings.clip_eps_high, settings.length_normalization)
         return algo.grpo_loss(logprobs, reference_logprobs, reference_logprobs, loss_mask, advantages, settings.clip_eps, settings.kl_coef, settings.length_normalization)

@@ -1,0 +1,240 @@
+"""The driver: rank 0's side of the RL loop — the engine, prompts, rollouts, rewards, evaluation and logs.
+
+Trainer ranks only train and write weights; everything that talks to the engine or writes the run's
+records happens here, and what the trainer needs from it (the TrainBatch) reaches every rank through
+`rl_loop.on_driver`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from megatron_rl import algo
+from megatron_rl.config import Config
+from megatron_rl.data.formatting import EncodedPrompt, encode_prompts, load_tokenizer
+from megatron_rl.data.prompts import PromptRecord, load_prompts
+from megatron_rl.data.sampler import PromptSampler
+from megatron_rl.data.synthetic import synthetic_prompt_sets
+from megatron_rl.errors import RunError, UserError
+from megatron_rl.hybrid.weight_sync import DiskWeightSync, WrittenWeights
+from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line
+from megatron_rl.reward.batch import RewardRequest, RewardResult, score_batch
+from megatron_rl.rollout.client import EngineClient
+from megatron_rl.rollout.engine_process import EmbeddedEngineProcess, EngineStartError
+from megatron_rl.rollout.generation import RolloutFailed, RolloutResult, Sample, StaleWeightsError, generate_samples
+from megatron_rl.rollout.protocol import EngineError, SamplingParams
+from megatron_rl.train.trainer import TrainBatch
+
+logger = logging.getLogger(__name__)
+
+
+def load_prompt_sets(config: Config) -> tuple[list[PromptRecord], list[PromptRecord], str]:
+    """(train, eval, where they come from) from data.prompts / data.eval_prompts or data.synthetic."""
+    data = config.data
+    if data.prompts is not None:
+        eval_records = load_prompts(data.eval_prompts) if data.eval_prompts else []
+        return load_prompts(data.prompts), eval_records, data.prompts
+    if data.synthetic is not None:
+        train, held_out = synthetic_prompt_sets(data.synthetic)
+        return train, held_out, f"synthetic {data.synthetic.task} prompts"
+    raise UserError("no prompts: set data.prompts (a JSONL file) or data.synthetic (a generated task)")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), fraction)) if values else math.nan
+
+
+class Driver:
+    def __init__(self, config: Config, run_dir: Path, model_dir: Path, context_length: int):
+        self.config = config
+        self.run_dir = run_dir
+        self.console = Console(highlight=False, soft_wrap=True)  # table rows stay whole lines in logs too
+        self.tokenizer = load_tokenizer(model_dir)
+        train_records, eval_records, source = load_prompt_sets(config)
+        max_prompt_tokens = context_length - config.rollout.max_new_tokens
+        if max_prompt_tokens < 1:
+            raise UserError(f"rollout.max_new_tokens={config.rollout.max_new_tokens} leaves no room for a prompt in "
+                            f"the {context_length}-token context; lower it")
+        apply_template = config.data.apply_chat_template
+        self.train_prompts = encode_prompts(train_records, self.tokenizer, apply_template, max_prompt_tokens, source)
+        self.eval_prompts = (encode_prompts(eval_records[: config.eval.max_prompts], self.tokenizer, apply_template,
+                                            max_prompt_tokens, source + " (eval)") if eval_records else [])
+        self.sampler = PromptSampler(len(self.train_prompts), config.data.seed)
+        self.metrics = MetricsLog(run_dir, config.logging.tensorboard)
+        self.table = ConsoleTable(self.console)
+        self.rollouts_dir = run_dir / "rollouts"
+        self.rollouts_dir.mkdir(exist_ok=True)
+        self.reward_pool = (ProcessPoolExecutor(config.reward.workers, mp_context=multiprocessing.get_context("spawn"))
+                            if config.reward.workers > 0 else None)
+        self.engine_process: EmbeddedEngineProcess | None = None
+        self.engine = self._connect_engine(model_dir)
+        self._last_rollout_stats: dict = {}
+        self.console.print(f"driver: {len(self.train_prompts)} training prompts, {len(self.eval_prompts)} held-out, "
+                           f"engine at {self.engine.base_url}, run directory {run_dir}")
+
+    # --- the engine ------------------------------------------------------------------------------
+
+    def _connect_engine(self, model_dir: Path) -> EngineClient:
+        rollout = self.config.rollout
+        if rollout.engine_url:
+            client = EngineClient(rollout.engine_url, timeout=rollout.request_timeout_s)
+            try:
+                client.get_model_info()
+            except EngineError as error:
+                raise RunError(f"{error} (rollout.engine_url); start the engine there, or unset rollout.engine_url "
+                               "to let the run start the embedded engine") from None
+            return client
+        if rollout.engine == "sglang":
+            raise UserError("rollout.engine=sglang needs rollout.engine_url: SGLang runs on GPU, started by the "
+                            "sidecar or by you; the run itself starts only the embedded engine")
+        self.engine_process = EmbeddedEngineProcess(model_dir, self.run_dir / "engine.log",
+                                                    max_running_requests=rollout.engine_max_running_requests)
+        self.console.print(f"driver: starting the embedded engine (log: {self.engine_process.log_path})")
+        try:
+            client = self.engine_process.start(timeout=rollout.engine_start_timeout_s)
+        except EngineStartError as error:
+            raise RunError(str(error)) from None
+        return EngineClient(client.base_url, timeout=rollout.request_timeout_s)
+
+    def load_weights(self, weight_sync: DiskWeightSync, weights: WrittenWeights) -> None:
+        try:
+            weight_sync.load(self.engine, weights)
+        except EngineError as error:
+            raise RunError(f"weight sync of version {weights.weight_version} failed: {error}") from None
+
+    def close(self) -> None:
+        if self.engine_process is not None:
+            self.engine_process.stop()
+        if self.reward_pool is not None:
+            self.reward_pool.shutdown(cancel_futures=True)
+        self.metrics.close()
+
+    # --- rollout and reward ------------------------------------------------------------------------
+
+    @contextmanager
+    def _progress(self, description: str, total: int):
+        # Off a terminal (CI, `| tee`) a live bar only leaves blank lines between the table's rows.
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=True, disable=not self.console.is_terminal) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda: progress.advance(task)
+
+    def _generate(self, prompts: list[EncodedPrompt], samples_per_prompt: int, sampling: SamplingParams,
+                  weight_version: str, iteration: int, description: str) -> RolloutResult:
+        rollout = self.config.rollout
+        seed = rollout.seed if sampling.temperature > 0 else None
+        with self._progress(description, len(prompts) * samples_per_prompt) as advance:
+            try:
+                return generate_samples(
+                    self.engine, prompts, samples_per_prompt, sampling, weight_version,
+                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), seed=seed, iteration=iteration,
+                    timeout=rollout.request_timeout_s, repetition=self.config.reward.repetition, on_sample_done=advance)
+            except (RolloutFailed, StaleWeightsError) as error:
+                raise RunError(str(error)) from None
+
+    def _score(self, samples: list[Sample], tag: str) -> list[RewardResult]:
+        requests = [RewardRequest(sample_id=f"{tag}-{sample.group_id}-{index}", response_text=sample.response_text,
+                                  reference_answer=sample.prompt.record.answer, task_type=sample.prompt.record.type,
+                                  degenerate=sample.degenerate) for index, sample in enumerate(samples)]
+        return score_batch(requests, workers=1, degenerate_penalty=self.config.reward.repetition.penalty,
+                           executor=self.reward_pool)
+
+    def collect_batch(self, iteration: int, weight_version: str) -> TrainBatch:
+        """Rollout and rewards for `iteration` (1-based) with the engine at `weight_version`."""
+        config = self.config
+        prompts = [self.train_prompts[index] for index in self.sampler.next_indices(config.data.prompts_per_iteration)]
+        sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
+                                  top_p=config.rollout.top_p, top_k=config.rollout.top_k)
+        rollout = self._generate(prompts, config.rollout.samples_per_prompt, sampling, weight_version, iteration,
+                                 f"rollout {iteration}")
+        reward_started = time.monotonic()
+        scores = self._score(rollout.samples, f"it{iteration}")
+        samples = rollout.samples
+        task_rewards = torch.tensor([score.reward for score in scores], dtype=torch.float32)
+        correct = torch.tensor([score.correct for score in scores])
+        lengths = torch.tensor([len(sample.response_ids) for sample in samples], dtype=torch.float32)
+        group_ids = torch.tensor([sample.group_id for sample in samples])
+        penalty_weight = algo.length_penalty_weight(iteration - 1, config.algo.length_penalty_weight,
+                                                    config.algo.length_penalty_warmup_iterations)
+        rewards = task_rewards + penalty_weight * algo.length_reward(lengths, correct, group_ids)
+        batch = TrainBatch(
+            token_ids=[sample.token_ids for sample in samples],
+            loss_mask=[[0.0] * len(sample.prompt.input_ids) + [1.0] * len(sample.response_ids) for sample in samples],
+            rewards=rewards.tolist(), group_ids=group_ids.tolist(),
+        )
+        self._save_rollouts(iteration, samples, scores, rewards.tolist())
+        response_lengths = lengths.tolist()
+        self._last_rollout_stats = {
+            "weight_version": weight_version,
+            "prompts": len(prompts) - rollout.failed_groups,
+            "samples": len(samples),
+            "failed_groups": rollout.failed_groups,
+            "failed_requests": rollout.failed_requests,
+            "reward_mean": task_rewards.mean().item(),
+            "shaped_reward_mean": rewards.mean().item(),
+            "length_penalty_weight": penalty_weight,
+            "accuracy": correct.float().mean().item(),
+            "response_len_mean": lengths.mean().item(),
+            "response_len_p95": percentile(response_lengths, 0.95),
+            "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "degenerate_fraction": sum(s.degenerate for s in samples) / len(samples),
+            "rollout_tokens_per_s": rollout.output_tokens / rollout.seconds if rollout.seconds > 0 else math.nan,
+            "generate_seconds": rollout.seconds,
+            "reward_seconds": time.monotonic() - reward_started,
+        }
+        if rollout.failed_groups:
+            logger.warning("iteration %d: %d prompt group(s) dropped after failed requests, e.g. %s", iteration,
+                           rollout.failed_groups, rollout.errors[0] if rollout.errors else "?")
+        return batch
+
+    def _save_rollouts(self, iteration: int, samples: list[Sample], scores: list[RewardResult], rewards: list[float]) -> None:
+        if not self.config.logging.save_rollouts:
+            return
+        path = self.rollouts_dir / f"iteration-{iteration:06d}.jsonl"
+        for sample, score, reward in zip(samples, scores, rewards):
+            append_json_line(path, {
+                "prompt_id": sample.prompt.record.id, "group_id": sample.group_id, "response": sample.response_text,
+                "response_tokens": len(sample.response_ids), "finish_reason": sample.finish_reason,
+                "weight_version": sample.weight_version, "answer": score.extracted_answer,
+                "reference_answer": sample.prompt.record.answer, "reason": score.reason, "reward": reward,
+            })
+
+    # --- evaluation and logs -------------------------------------------------------------------------
+
+    def evaluate(self, after_iterations: int, weight_version: str) -> dict:
+        """Greedy answers to the held-out prompts; appended to RUN_DIR/eval.jsonl."""
+        if not self.eval_prompts:
+            return {}
+        config = self.config
+        sampling = SamplingParams(max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
+                                  temperature=0.0)
+        rollout = self._generate(self.eval_prompts, 1, sampling, weight_version, after_iterations,
+                                 f"eval after {after_iterations} iterations")
+        scores = self._score(rollout.samples, f"eval{after_iterations}")
+        result = {
+            "after_iterations": after_iterations, "weight_version": weight_version, "prompts": len(rollout.samples),
+            "accuracy": sum(score.correct for score in scores) / max(len(scores), 1),
+            "response_len_mean": sum(len(s.response_ids) for s in rollout.samples) / max(len(rollout.samples), 1),
+        }
+        append_json_line(self.run_dir / "eval.jsonl", result)
+        self.console.print(f"eval after {after_iterations} iterations: accuracy {result['accuracy']:.3f} on "
+                           f"{result['prompts']} held-out prompts (greedy), mean length {result['response_len_mean']:.1f} tokens")
+        return result
+
+    def finish_iteration(self, iteration: int, train_metrics: dict, phase_seconds: dict, weights: WrittenWeights) -> None:
+        """One complete metrics line (and table row) for the iteration."""
+        record = {"iteration": iteration, **self._last_rollout_stats, **train_metrics,
+                  **{f"{phase}_seconds": seconds for phase, seconds in phase_seconds.items()},
+                  "weight_sync_bytes": weights.bytes, "weight_sync_gb_per_s": weights.gigabytes_per_second,
+                  "new_weight_version": weights.weight_version}
+        self.metrics.write(record)
+        self.table.row(record)

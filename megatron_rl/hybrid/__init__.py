@@ -1,0 +1,1 @@
+"""Hybrid deployment: trainer and engine share the devices; weight sync and phase orchestration."""
