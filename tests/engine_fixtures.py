@@ -1,29 +1,25 @@
-"""Shared fixtures for engine tests: tiny HF models and a real embedded-engine server subprocess.
+"""Shared fixtures for engine tests: tiny HF models, real embedded-engine server subprocesses (one per
+mode: batched, the default, and deterministic), transformers references and request helpers.
 
 Import the fixtures into a test module: `from engine_fixtures import engine_client, engine_server, ...`.
 """
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from megatron_rl.rollout import EngineClient, EngineError
+from megatron_rl.net import free_port  # noqa: F401 (re-exported for the engine tests)
+from megatron_rl.rollout import EngineClient, EngineError, GenerateRequest, SamplingParams
 from tiny_models import write_tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_FAMILY = "qwen3"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class EngineServer:
@@ -86,11 +82,10 @@ def engine_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def engine_server(engine_models, tmp_path_factory):
-    """One embedded engine serving model "a", batch bounded at 4 running requests."""
+def serve_engine(engine_models, tmp_path_factory, *args: str):
+    """Yield a ready server for model "a" (at most 4 running requests, then `args`); stop it afterwards."""
     log_path = tmp_path_factory.mktemp("engine-server") / "server.log"
-    server = EngineServer(engine_models["a"], log_path, "--max-running-requests", "4")
+    server = EngineServer(engine_models["a"], log_path, "--max-running-requests", "4", *args)
     try:
         server.wait_ready()
         yield server
@@ -99,5 +94,70 @@ def engine_server(engine_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def engine_server(engine_models, tmp_path_factory):
+    """One embedded engine serving model "a" in the default batched mode, batch bounded at 4 running requests."""
+    yield from serve_engine(engine_models, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
 def engine_client(engine_server) -> EngineClient:
     return EngineClient(engine_server.url, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def deterministic_server(engine_models, tmp_path_factory):
+    """The same engine in deterministic mode (--enable-deterministic-inference): bitwise batch-invariant."""
+    yield from serve_engine(engine_models, tmp_path_factory, "--enable-deterministic-inference")
+
+
+@pytest.fixture(scope="module")
+def deterministic_client(deterministic_server) -> EngineClient:
+    return EngineClient(deterministic_server.url, timeout=60)
+
+
+def greedy(max_new_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def request(prompt, params, rid=None, return_logprob=True) -> GenerateRequest:
+    return GenerateRequest(input_ids=list(prompt), sampling_params=params, rid=rid, return_logprob=return_logprob)
+
+
+def stats(client: EngineClient) -> dict:
+    return client.server_info()["internal_states"][0]
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def hf(engine_models):
+    """transformers' own models "a" and "b", the references for the engine's outputs."""
+    from transformers import AutoModelForCausalLM
+
+    return {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            for name, path in engine_models.items() if name in ("a", "b")}
+
+
+@torch.no_grad()
+def reference_logprobs(model, prompt, output, temperature: float = 1.0) -> list[float]:
+    """log_softmax(logits / T) at the returned tokens, from one transformers forward over prompt+output."""
+    logits = model(torch.tensor([list(prompt) + list(output)])).logits[0].float()
+    logprobs = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+    return [float(logprobs[len(prompt) - 1 + i, token]) for i, token in enumerate(output)]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, count: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(count):
+        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt):]

@@ -1,68 +1,26 @@
-"""The embedded engine as a real HTTP server (subprocess, tiny model), driven by EngineClient."""
+"""The embedded engine as a real HTTP server (subprocess, tiny model), driven by EngineClient.
+
+Tests run against the default batched mode, except those asserting bitwise batch-invariance, which run
+against a deterministic-mode server (--enable-deterministic-inference); tests/test_engine_batching.py
+checks batched mode against deterministic mode and transformers."""
 from __future__ import annotations
 
 import argparse
 import json
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-from engine_fixtures import engine_client, engine_models, engine_server, free_port  # noqa: F401 (fixtures)
+from engine_fixtures import (  # noqa: F401 (fixtures)
+    deterministic_client, deterministic_server, engine_client, engine_models, engine_server, free_port, greedy, hf,
+    reference_greedy, reference_logprobs, request, stats, wait_for,
+)
 from megatron_rl.errors import UserError
-from megatron_rl.rollout import EngineClient, EngineError, EngineUnreachable, GenerateRequest, SamplingParams
+from megatron_rl.rollout import EngineClient, EngineError, EngineUnreachable, SamplingParams
 
 PROMPTS = [[3, 17, 5], [9, 1, 44, 12, 7, 100, 2], [60], [11, 22, 33, 44, 55, 66, 77, 88, 99, 110, 120, 5]]
-
-
-def greedy(max_new_tokens: int, **kwargs) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, **kwargs)
-
-
-def request(prompt, params, rid=None, return_logprob=True) -> GenerateRequest:
-    return GenerateRequest(input_ids=list(prompt), sampling_params=params, rid=rid, return_logprob=return_logprob)
-
-
-def stats(client: EngineClient) -> dict:
-    return client.server_info()["internal_states"][0]
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-@pytest.fixture(scope="module")
-def hf(engine_models):
-    from transformers import AutoModelForCausalLM
-
-    return {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            for name, path in engine_models.items() if name in ("a", "b")}
-
-
-@torch.no_grad()
-def reference_logprobs(model, prompt, output, temperature: float = 1.0) -> list[float]:
-    """log_softmax(logits / T) at the returned tokens, from one transformers forward over prompt+output."""
-    logits = model(torch.tensor([list(prompt) + list(output)])).logits[0].float()
-    logprobs = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
-    return [float(logprobs[len(prompt) - 1 + i, token]) for i, token in enumerate(output)]
-
-
-@torch.no_grad()
-def reference_greedy(model, prompt, count: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(count):
-        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[len(prompt):]
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -113,20 +71,20 @@ def test_greedy_output_and_logprobs_match_transformers(engine_client, hf):
     assert result.output_logprobs == pytest.approx(reference_logprobs(hf["a"], PROMPTS[3], result.output_ids), abs=1e-4)
 
 
-def test_seeded_sampling_is_reproducible(engine_client):
+def test_seeded_sampling_is_reproducible(deterministic_client):
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, ignore_eos=True, sampling_seed=7)
-    first, second = engine_client.generate([request(PROMPTS[0], params), request(PROMPTS[0], params)])
+    first, second = deterministic_client.generate([request(PROMPTS[0], params), request(PROMPTS[0], params)])
     assert first.output_ids == second.output_ids and first.output_logprobs == second.output_logprobs
 
 
-def test_greedy_continuation_is_identical_to_one_shot_whatever_the_batch(engine_client):
+def test_greedy_continuation_is_identical_to_one_shot_whatever_the_batch(deterministic_client):
     total = 24
-    one_shot = engine_client.generate([request(p, greedy(total)) for p in PROMPTS])  # 4 different lengths at once
+    one_shot = deterministic_client.generate([request(p, greedy(total)) for p in PROMPTS])  # 4 different lengths at once
     splits = [1, 5, 11, 23]
     distractors = [request([7] * n, greedy(m)) for n, m in ((2, 30), (19, 3), (8, 17))]
-    continued = engine_client.generate(
+    continued = deterministic_client.generate(
         [request(p + r.output_ids[:k], greedy(total - k)) for p, r, k in zip(PROMPTS, one_shot, splits)] + distractors)
-    alone = [engine_client.generate([request(p + r.output_ids[:k], greedy(total - k))])[0]
+    alone = [deterministic_client.generate([request(p + r.output_ids[:k], greedy(total - k))])[0]
              for p, r, k in zip(PROMPTS, one_shot, splits)]
     for full, k, with_others, by_itself in zip(one_shot, splits, continued, alone):
         assert with_others.output_ids == full.output_ids[k:]
@@ -190,15 +148,15 @@ def test_pause_abort_returns_partial_outputs_and_holds_new_requests(engine_clien
     assert full.output_logprobs[:len(aborted.output_ids)] == aborted.output_logprobs
 
 
-def test_pause_retract_resumes_with_identical_greedy_tokens(engine_client):
+def test_pause_retract_resumes_with_identical_greedy_tokens(deterministic_client):
     prompt = [8, 6, 7, 5, 3, 0, 9]
-    expected = engine_client.generate([request(prompt, greedy(150))])[0]
+    expected = deterministic_client.generate([request(prompt, greedy(150))])[0]
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(engine_client.generate, [request(prompt, greedy(150), rid="retract-A")])
-        wait_for(lambda: stats(engine_client)["running_progress"].get("retract-A", 0) >= 2, "retract-A to be decoding")
-        engine_client.pause_generation("retract")
-        info = stats(engine_client)
-        engine_client.continue_generation()
+        running = pool.submit(deterministic_client.generate, [request(prompt, greedy(150), rid="retract-A")])
+        wait_for(lambda: stats(deterministic_client)["running_progress"].get("retract-A", 0) >= 2, "retract-A to be decoding")
+        deterministic_client.pause_generation("retract")
+        info = stats(deterministic_client)
+        deterministic_client.continue_generation()
         result = running.result(60)[0]
     if "retract-A" in info["waiting_rids"]:  # it was retracted (not already finished)
         assert info["running_rids"] == []
@@ -395,6 +353,11 @@ def test_cli_registers_engine_serve():
     assert args.handler is commands.run_serve
     assert (args.model, args.port, args.host, args.load_format, args.max_running_requests, args.weight_version) == \
         ("/m", 31000, "127.0.0.1", "dummy", 3, "v0")
+    assert (args.enable_deterministic_inference, args.chunked_prefill_size, args.max_total_tokens) == (False, None, None)
     args.max_running_requests = 0
     with pytest.raises(UserError, match="--max-running-requests"):
         commands.run_serve(args)
+    # SGLang's flag names for the batching settings
+    args = parser.parse_args(["engine", "serve", "--model", "/m", "--enable-deterministic-inference",
+                              "--chunked-prefill-size", "16", "--max-total-tokens", "4096"])
+    assert (args.enable_deterministic_inference, args.chunked_prefill_size, args.max_total_tokens) == (True, 16, 4096)

@@ -21,6 +21,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                         help="auto: load the weights; dummy: random weights from config.json (until a weight sync)")
     parser.add_argument("--max-running-requests", type=int, default=8, help="bound on the running batch")
+    parser.add_argument("--enable-deterministic-inference", action="store_true",
+                        help="batch-invariant mode (SGLang's flag): every token is its own 1-row forward, bitwise "
+                             "independent of the batch; over 10x slower than the default batched mode at 32+ requests")
+    parser.add_argument("--chunked-prefill-size", type=int, default=None,
+                        help="prompt tokens per prefill forward (batched mode, default 512) or per request and step "
+                             "(deterministic mode, default 64); -1: no chunking")
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help="KV cache bound in tokens; admission keeps the running requests' worst case within it "
+                             "(default: a quarter of RAM)")
     parser.add_argument("--weight-version", default="default", help="initial weight_version (SGLang's default: 'default')")
     parser.add_argument("--random-seed", type=int, default=None, help="seed for unseeded sampling and dummy weights")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
@@ -40,4 +49,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     return serve(args.model, host=args.host, port=args.port, load_format=args.load_format,
                  max_running_requests=args.max_running_requests, weight_version=args.weight_version,
+                 enable_deterministic_inference=args.enable_deterministic_inference,
+                 chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
                  random_seed=args.random_seed, log_level=args.log_level)

@@ -4,26 +4,50 @@ No HTTP here (`embedded_server.py` puts SGLang's native API in front of it). All
 scheduler thread; other threads talk to it through `submit` (generation) and control calls, which are
 executed by the scheduler between steps and answered through `concurrent.futures.Future`s.
 
-Scheduling (continuous batching)
+Scheduling (continuous batching, both modes)
     Requests wait in a FIFO queue; before every step the scheduler admits waiting requests into the
-    running batch up to `max_running_requests`, steps every running request once, and removes the ones
-    that finished. A request that arrives while others run joins at the next step; a finished one
-    leaves at the end of its step, so nobody waits for a whole batch. Each request owns its KV cache (a
-    transformers `DynamicCache`). A step advances a request by up to `prefill_chunk` prompt tokens
-    (prefill, interleaved with the others' decoding) or by one token (decode), then samples.
-    `stats()` exposes the last steps' batch compositions (`recent_batches`: step number and rids).
+    running batch (bounded by `max_running_requests` and `max_total_tokens`), steps the running
+    requests, and removes the ones that finished. A request that arrives while others run joins at the
+    next step; a finished one leaves at the end of its step, so nobody waits for a whole batch. A step
+    gives a request at most one new token. `stats()` exposes the last steps' batch compositions
+    (`recent_batches`: step number and the rids whose tokens went through the model in that step).
 
-Determinism guarantee
-    Every token of every request goes through the model as its own forward (one token, its own KV
-    cache), for prompt and generated tokens alike. On CPU, batched GEMMs are not row-invariant: a
-    row's result changes bitwise with the number of rows (gemv for one row, differently blocked gemm
-    for 2..15 rows), and padded attention changes its reduction order. So instead of batching
-    arithmetic, the scheduler batches *requests*: the logits of a request's token t are a pure
-    function of (weights, its tokens[0..t]) and bitwise independent of which requests share the
-    batch, of prefill chunking, and of retraction. Hence at temperature 0, generating N tokens equals
-    generating k tokens and then continuing from prompt+those k tokens for N-k more. The price is
-    throughput (no GEMM batching; prefill costs one forward per prompt token) — this engine serves
-    tiny models in tests and small CPU demos; production rollouts use SGLang.
+Batched mode (the default)
+    Each step runs one forward for all running requests that are decoding (one token each) on one
+    batched KV cache (`kv_batch.KVBatch`: rows share a column axis, shorter rows are left-padded with
+    masked holes, positions are passed per row). Newly admitted requests are prefilled packed into one
+    row without padding (`kv_batch.PackedPrefill`), in a second forward of at most
+    `chunked_prefill_size` tokens per step, so a long prompt stalls the decoding requests by one bounded
+    forward per step. A request samples its first token and joins the decode batch in the step that
+    processes the end of its prompt; requests admitted while a packed group is being prefilled form
+    the next group. A finished or aborted request's row is removed at the end of the step
+    (index-select on the batch dim; leading columns that are holes in every row are cut).
+    Guarantee: the logits of each token equal a 1-row forward over the request's tokens up to float
+    rounding (~1e-6 on the tiny test models), so greedy outputs equal deterministic mode's and
+    transformers' `generate` except at exact near-ties, and log-probs agree to ~1e-5. They are not
+    bitwise independent of the batch: GEMM blocking and the attention reduction order depend on which
+    rows and columns are present. The same requests submitted the same way give the same bits.
+
+Deterministic mode (`enable_deterministic_inference`, SGLang's `--enable-deterministic-inference`)
+    Every token of every request goes through the model as its own forward (one token, its own
+    `DynamicCache`), for prompt and generated tokens alike; a step advances a prefilling request by up
+    to `chunked_prefill_size` prompt tokens. On CPU, batched GEMMs are not row-invariant: a row's result
+    changes bitwise with the number of rows (gemv for one row, differently blocked gemm for 2..15
+    rows), and padded attention changes its reduction order. So instead of batching arithmetic, this
+    mode batches *requests*: the logits of a request's token t are a pure function of (weights, its
+    tokens[0..t]) and bitwise independent of which requests share the batch, of prefill chunking, and
+    of retraction. Hence at temperature 0, generating N tokens equals generating k tokens and then
+    continuing from prompt+those k tokens for N-k more. The price is throughput (no GEMM batching;
+    prefill costs one forward per prompt token): SmolLM2-135M on 2 cores decodes about 10 tok/s in all,
+    against 120-170 tok/s in batched mode at 32-64 requests (benchmarks/RESULTS.md).
+
+KV memory bound (`max_total_tokens`, SGLang's `--max-total-tokens`)
+    A request is admitted only while the KV of the running requests, each counted at its worst case
+    (its tokens so far + the new tokens it may still generate), stays within `max_total_tokens` slots:
+    in batched mode rows × the longest row (the holes of shorter rows are allocated too), in
+    deterministic mode their sum. So the cache never outgrows the bound and nothing is retracted for
+    memory. A request that could not fit alone is rejected (HTTP 400). Default: a quarter of the
+    machine's RAM divided by the model's KV bytes per token.
 
 Sampling and log-probs (SGLang 0.5.23 conventions)
     temperature < 1e-6 is greedy: argmax of the raw logits, and the temperature is treated as 1
@@ -36,20 +60,25 @@ Sampling and log-probs (SGLang 0.5.23 conventions)
     `SGLANG_RETURN_ORIGINAL_LOGPROB=1`; the greedy path returns `log_softmax(logits)`). With
     temperature 1 they are the model's plain log-probs. `min_new_tokens` masks EOS/stop tokens to -inf
     before sampling (as SGLang's penalizer does), so the log-probs reflect that mask.
-    `sampling_seed` seeds a per-request generator (SGLang's seeded sampler hashes positions instead,
-    so seeded samples are reproducible here but not equal to SGLang's).
+    A sampled token is drawn by inverting the CDF of the filtered distribution at one uniform number
+    from the request's generator. `sampling_seed` seeds a per-request generator, so a seeded request
+    draws the same numbers in either mode and whatever shares its batch (SGLang's seeded sampler
+    hashes positions instead, so seeded samples are reproducible here but not equal to SGLang's).
 
 Memory release (CPU analogue of SGLang's memory saver + `--enable-weights-cpu-backup`)
     release("weights") writes the parameters to a private safetensors file on local disk and drops
     them from RAM; resume("weights") reads them back, so the same weights return. release needs an
     idle engine (no running requests; waiting ones are allowed while paused) as in SGLang;
-    generating while weights or KV cache are released fails with `EngineStateError`.
+    generating while weights or KV cache are released fails with `EngineStateError`. KV exists only
+    for running requests (the batch cache is dropped when the last one leaves, retracted requests keep
+    none), so an idle engine holds none; `stats()["kv_cache_tokens"]` shows what is held.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -64,6 +93,7 @@ from typing import Any, Callable
 import torch
 
 from megatron_rl.errors import UserError
+from megatron_rl.rollout.kv_batch import KVBatch, PackedPrefill, check_supported
 from megatron_rl.rollout.protocol import (
     MEMORY_TAGS, FinishReason, GenerateResponse, MetaInfo, SamplingParams, UpdateWeightsResult, WeightVersionSpan,
 )
@@ -72,6 +102,8 @@ log = logging.getLogger(__name__)
 
 HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"
 RECENT_BATCHES = 2048
+DEFAULT_CHUNKED_PREFILL_SIZE = {False: 512, True: 64}  # by enable_deterministic_inference (see __init__)
+KV_MEMORY_FRACTION = 0.25  # of physical RAM, for the default max_total_tokens
 _MIN_LOGPROB = torch.finfo(torch.float32).min  # SGLang clamps too; JSON has no -inf
 
 
@@ -102,13 +134,18 @@ class _Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # weight version of each output token
-    cache: Any = None                        # DynamicCache holding KV of tokens[:processed]
+    cache: Any = None                        # deterministic mode: DynamicCache holding KV of tokens[:processed]
     processed: int = 0
     num_retractions: int = 0
 
     @property
     def rid(self) -> str:
         return self.request.rid
+
+    @property
+    def final_length(self) -> int:
+        """Tokens this request's KV may reach: its prompt plus every token it may generate."""
+        return len(self.request.input_ids) + self.request.sampling_params.max_new_tokens
 
 
 @dataclass
@@ -118,18 +155,8 @@ class _Control:
     drain_barrier: int | None = None   # run only when every request older than this has finished
 
 
-def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                      banned: list[int] | None = None) -> tuple[int, float]:
-    """Pick the next token from one row of float logits; return it with its log-prob (see module doc)."""
-    logits = logits.float()
-    if banned:
-        logits = logits.clone()
-        logits[banned] = float("-inf")
-    if params.greedy:
-        token = int(torch.argmax(logits))
-        return token, max(float(torch.log_softmax(logits, dim=-1)[token]), _MIN_LOGPROB)
-    logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
-    probs = logprobs.exp()
+def _filtered(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row's probabilities with top_k, top_p and min_p applied (not renormalized)."""
     keep = torch.ones_like(probs, dtype=torch.bool)
     if 1 <= params.top_k < probs.numel():
         kth = torch.topk(probs, params.top_k).values[-1]
@@ -143,10 +170,45 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: t
     if params.min_p > 0.0:
         keep &= probs >= params.min_p * probs.max()
     filtered = torch.where(keep, probs, torch.zeros_like(probs))
-    if not bool(filtered.sum() > 0):  # everything filtered (cannot happen with valid params): fall back
-        filtered = probs
-    token = int(torch.multinomial(filtered / filtered.sum(), 1, generator=generator))
-    return token, max(float(logprobs[token]), _MIN_LOGPROB)
+    return filtered if bool(filtered.sum() > 0) else probs  # all filtered cannot happen with valid params
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                  banned: list[list[int] | None]) -> list[tuple[int, float]]:
+    """The next token of each row of logits [rows, vocab] with its log-prob (see the module doc).
+
+    Row-wise work is done for all rows at once (one log_softmax, one cumsum), so a decode step of many
+    requests costs a few tensor ops rather than a few per request. A sampled row draws one uniform
+    number from its own generator and takes the inverse of its distribution's CDF.
+    """
+    logits = logits.float()
+    if any(banned):
+        logits = logits.clone()
+        for row, ids in enumerate(banned):
+            if ids:
+                logits[row, ids] = float("-inf")
+    temperatures = [1.0 if p.greedy else p.temperature for p in params]
+    scaled = logits if all(t == 1.0 for t in temperatures) else logits / torch.tensor(temperatures).unsqueeze(1)
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    tokens = torch.empty(len(params), dtype=torch.long)
+    greedy = [row for row, p in enumerate(params) if p.greedy]
+    if greedy:
+        tokens[greedy] = torch.argmax(logits[greedy], dim=-1)
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if sampled:
+        probs = logprobs[sampled].exp()
+        for index, row in enumerate(sampled):
+            p = params[row]
+            if 1 <= p.top_k < probs.shape[1] or p.top_p < 1.0 or p.min_p > 0.0:
+                probs[index] = _filtered(probs[index], p)
+        # float32 is enough: each token's share of the CDF is off by at most one rounding of the running
+        # sum (~6e-8); the drift of the sum is a common scale, undone by scaling the draw by the total
+        cdf = torch.cumsum(probs, dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=generators[row]) for row in sampled])
+        drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        tokens[sampled] = drawn.clamp_(max=probs.shape[1] - 1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).clamp_(min=_MIN_LOGPROB)
+    return list(zip(tokens.tolist(), chosen.tolist()))
 
 
 def _weight_version_spans(versions: list[str]) -> list[WeightVersionSpan]:
@@ -184,12 +246,21 @@ class EmbeddedEngine:
     """A HF causal LM served by a continuous-batching scheduler thread. See the module docstring."""
 
     def __init__(self, model_dir: str | Path, *, load_format: str = "auto", max_running_requests: int = 8,
-                 weight_version: str = "default", prefill_chunk: int = 64, random_seed: int | None = None,
-                 served_model_name: str | None = None):
+                 weight_version: str = "default", enable_deterministic_inference: bool = False,
+                 chunked_prefill_size: int | None = None, max_total_tokens: int | None = None,
+                 random_seed: int | None = None, served_model_name: str | None = None):
+        """`enable_deterministic_inference`: the per-request 1-row path (see the module docstring).
+        `chunked_prefill_size`: prompt tokens per prefill forward in batched mode (default 512), per
+        request and step in deterministic mode (default 64); -1: no bound. `max_total_tokens`: KV slots
+        (default: from RAM, see the module docstring)."""
         if load_format not in ("auto", "dummy"):
             raise UserError(f"--load-format must be auto or dummy (got {load_format!r})")
         if max_running_requests < 1:
             raise UserError(f"--max-running-requests must be ≥ 1 (got {max_running_requests})")
+        if chunked_prefill_size is not None and chunked_prefill_size != -1 and chunked_prefill_size < 1:
+            raise UserError(f"--chunked-prefill-size must be ≥ 1, or -1 for no chunking (got {chunked_prefill_size})")
+        if max_total_tokens is not None and max_total_tokens < 1:
+            raise UserError(f"--max-total-tokens must be ≥ 1 (got {max_total_tokens})")
         from megatron_rl.hf_checkpoint import resolve_hf_dir
 
         self.model_dir = resolve_hf_dir(model_dir)
@@ -197,12 +268,20 @@ class EmbeddedEngine:
         self.served_model_name = served_model_name or self.model_path
         self.load_format = load_format
         self.max_running_requests = max_running_requests
-        self.prefill_chunk = max(1, prefill_chunk)
+        self.deterministic = enable_deterministic_inference
+        if chunked_prefill_size is None:
+            chunked_prefill_size = DEFAULT_CHUNKED_PREFILL_SIZE[self.deterministic]
+        self.chunked_prefill_size = chunked_prefill_size
+        self._prefill_bound: int | None = None if chunked_prefill_size == -1 else chunked_prefill_size
         self.weight_version = weight_version
         self.model = self._load_model(self.model_dir, load_format, random_seed)
         config = self.model.config
+        if not self.deterministic and (reason := check_supported(config)):
+            raise UserError(f"the embedded engine's batched mode cannot serve {self.model_dir}: {reason}; "
+                            f"serve it with --enable-deterministic-inference")
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.context_length = getattr(config, "max_position_embeddings", None)
+        self.max_total_tokens = max_total_tokens or self._default_max_total_tokens()
         self.eos_token_ids = _eos_token_ids(self.model_dir, config)
         self.tokenizer, self.tokenizer_path = self._load_tokenizer(self.model_dir)
         self._rng = torch.Generator().manual_seed(random_seed if random_seed is not None else int(time.time_ns() % 2**62))
@@ -220,9 +299,26 @@ class EmbeddedEngine:
         self._step_count = 0
         self._recent_batches: deque[tuple[int, list[str]]] = deque(maxlen=RECENT_BATCHES)
         self._completed = 0
+        # batched mode: the decode batch (row i is _batch_rows[i]) and the packed group being prefilled
+        self._batch: KVBatch | None = None
+        self._batch_rows: list[_Request] = []
+        self._prefill: PackedPrefill | None = None
+        self._prefill_rows: list[_Request] = []
+        # KV token slots in use, for stats(): batched mode counts rows × width of the batch cache (holes
+        # included) + the packed prefill's tokens; deterministic mode the tokens in the requests' caches
+        self._kv_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="embedded-engine-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ loading
+
+    def _default_max_total_tokens(self) -> int:
+        config = self.model.config.get_text_config(decoder=True)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 4  # keys + values, fp32
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return max(1, int(ram * KV_MEMORY_FRACTION) // bytes_per_token)
 
     @staticmethod
     def _load_model(directory: Path, load_format: str, random_seed: int | None):
@@ -235,13 +331,18 @@ class EmbeddedEngine:
                 if random_seed is not None:
                     torch.manual_seed(random_seed)
                 config = AutoConfig.from_pretrained(directory)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
             else:
-                model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
         except (OSError, ValueError, KeyError) as error:
             raise UserError(f"cannot load a causal LM from {directory}: {error}") from None
         model.eval()
         model.requires_grad_(False)
+        # Own, 64-byte aligned memory for every weight: from_pretrained can leave them at other offsets
+        # (8 and 40 bytes mod 64 seen), and 1-row CPU GEMMs change in the last bits with the alignment, so
+        # a release/resume (which reallocates) would not give back the same bits otherwise.
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
         return model
 
     @staticmethod
@@ -309,6 +410,10 @@ class EmbeddedEngine:
         for token in params.stop_token_ids or ():
             if not 0 <= token < self.vocab_size:
                 raise RequestError(f"sampling_params.stop_token_ids: token id {token} is out of range for vocab size {self.vocab_size}")
+        if len(ids) + params.max_new_tokens > self.max_total_tokens:
+            raise RequestError(
+                f"sampling_params.max_new_tokens: {len(ids)} input tokens + {params.max_new_tokens} new tokens exceed "
+                f"the engine's KV bound of {self.max_total_tokens} tokens (--max-total-tokens)")
 
     def submit_many(self, requests: list[EngineRequest]) -> list[Future]:
         """Queue requests atomically: all are validated first, none is queued if one is invalid."""
@@ -412,6 +517,9 @@ class EmbeddedEngine:
                 "step_count": self._step_count,
                 "num_completed_reqs": self._completed,
                 "max_running_requests": self.max_running_requests,
+                "max_total_tokens": self.max_total_tokens,
+                "kv_cache_tokens": self._kv_tokens,
+                "enable_deterministic_inference": self.deterministic,
                 "weight_version": self.weight_version,
                 "recent_batches": [{"step": step, "rids": rids} for step, rids in self._recent_batches],
             }
@@ -470,7 +578,9 @@ class EmbeddedEngine:
                     self._cond.wait()
             for control in controls:
                 try:
-                    control.future.set_result(control.fn())
+                    result = control.fn()
+                    self._compact()  # free the KV of requests it aborted before its caller hears back
+                    control.future.set_result(result)
                 except BaseException as error:  # the caller gets it; the scheduler keeps running
                     control.future.set_exception(error)
             if self._paused is None:
@@ -482,13 +592,23 @@ class EmbeddedEngine:
                     log.exception("scheduler step failed")
                     for request in list(self._running):
                         self._fail(request, error)
+                    self._drop_kv()
+
+    def _kv_reservation(self, requests: list[_Request]) -> int:
+        """KV slots these requests may need at most together (see "KV memory bound" in the module doc)."""
+        if not requests:
+            return 0
+        if self.deterministic:
+            return sum(r.final_length for r in requests)
+        return len(requests) * max(r.final_length for r in requests)
 
     def _admit(self) -> None:
         admitted = []
         with self._cond:
             barrier = self._barrier()
             while (self._waiting and len(self._running) < self.max_running_requests
-                   and self._waiting[0].seq < barrier):
+                   and self._waiting[0].seq < barrier
+                   and self._kv_reservation(self._running + [self._waiting[0]]) <= self.max_total_tokens):
                 request = self._waiting.popleft()
                 self._running.append(request)
                 admitted.append(request)
@@ -499,45 +619,129 @@ class EmbeddedEngine:
                 self._finish(request, {"type": "length", "length": 0})
 
     def _step(self) -> None:
+        if self.deterministic:
+            stepped = [r for r in self._running if not r.future.done()]
+        else:
+            stepped = self._plan_batched()
+        with self._cond:  # recorded before the forwards: a caller woken by its result sees its last step
+            self._step_count += 1
+            self._recent_batches.append((self._step_count, [r.rid for r in stepped]))
+        with torch.inference_mode():
+            if self.deterministic:
+                self._step_deterministic(stepped)
+            else:
+                self._step_batched()
+        self._compact()
+
+    def _step_deterministic(self, batch: list[_Request]) -> None:
+        """Each request advances alone: up to chunked_prefill_size prompt tokens or one decode token, one
+        forward per token on its own cache."""
         from transformers import DynamicCache
 
-        with self._cond:
-            self._step_count += 1
-            batch = list(self._running)
-            self._recent_batches.append((self._step_count, [r.rid for r in batch]))
         for request in batch:
-            if request.future.done():
-                continue
-            params = request.request.sampling_params
             if request.cache is None:
                 request.cache = DynamicCache(config=self.model.config)
                 request.processed = 0
             pending = len(request.tokens) - request.processed
             logits = None
-            with torch.inference_mode():
-                for _ in range(min(pending, self.prefill_chunk)):
-                    position = request.processed
-                    output = self.model(
-                        input_ids=torch.tensor([[request.tokens[position]]]),
-                        position_ids=torch.tensor([[position]]),
-                        past_key_values=request.cache, use_cache=True,
-                    )
-                    request.processed += 1
-                    logits = output.logits[0, -1]
-            if request.processed < len(request.tokens) or logits is None:
-                continue  # still prefilling
-            stop_ids = [] if params.ignore_eos else sorted(set(params.stop_token_ids or ()) | self.eos_token_ids)
-            banned = stop_ids if len(request.output_ids) < params.min_new_tokens else None
-            generator = request.generator if request.generator is not None else self._rng
-            token, logprob = sample_next_token(logits, params, generator, banned)
+            for _ in range(min(pending, self._prefill_bound or pending)):
+                position = request.processed
+                output = self.model(
+                    input_ids=torch.tensor([[request.tokens[position]]]),
+                    position_ids=torch.tensor([[position]]),
+                    past_key_values=request.cache, use_cache=True,
+                )
+                request.processed += 1
+                logits = output.logits[0, -1]
+            if request.processed == len(request.tokens) and logits is not None:
+                self._accept([request], logits.unsqueeze(0))
+
+    def _plan_batched(self) -> list[_Request]:
+        """Start a packed prefill group of the admitted requests not prefilled yet, unless one is in
+        progress; return the requests this step computes (the decode batch and the next chunk's)."""
+        if self._prefill is None:
+            decoding = set(map(id, self._batch_rows))
+            pending = [r for r in self._running if id(r) not in decoding and not r.future.done()]
+            if pending:
+                self._prefill = PackedPrefill(self.model, [r.tokens for r in pending])
+                self._prefill_rows = pending
+        stepped = list(self._batch_rows)
+        if self._prefill is not None:
+            stepped += [self._prefill_rows[i] for i in self._prefill.next_chunk(self._prefill_bound)
+                        if not self._prefill_rows[i].future.done()]
+        return stepped
+
+    def _step_batched(self) -> None:
+        """One forward decodes every request of the decode batch; one forward prefills the next chunk of the
+        packed group, after which the requests whose prompts ended in it sample their first token and join
+        the decode batch."""
+        decoding = list(self._batch_rows)
+        if decoding:
+            logits = self._batch.decode(self.model, [r.tokens[-1] for r in decoding])
+            for request in decoding:
+                request.processed += 1
+            self._accept(decoding, logits)
+        if self._prefill is None:
+            return
+        prefill, group = self._prefill, self._prefill_rows
+        ended = prefill.forward_chunk(self.model, self._prefill_bound)
+        for segment in ended:
+            group[segment].processed = len(group[segment].tokens)
+        live = [segment for segment in ended if not group[segment].future.done()]
+        if live:
+            self._accept([group[segment] for segment in live], torch.stack([ended[segment] for segment in live]))
+        joining = [segment for segment in ended if not group[segment].future.done()]
+        if joining:
+            self._batch = KVBatch.concat(self._batch, prefill.to_batch(joining))
+            self._batch_rows += [group[segment] for segment in joining]
+        if prefill.finished:
+            self._prefill, self._prefill_rows = None, []
+
+    def _compact(self) -> None:
+        """Drop the KV of requests that left (finished, aborted, failed) and count what is held."""
+        if self.deterministic:
+            self._kv_tokens = sum(r.processed for r in self._running if r.cache is not None)
+            return
+        keep = [i for i, r in enumerate(self._batch_rows) if not r.future.done()]
+        if len(keep) < len(self._batch_rows):
+            self._batch = self._batch.select(keep)
+            self._batch_rows = [self._batch_rows[i] for i in keep]
+        if self._prefill is not None and all(self._prefill_rows[s].future.done() for s in self._prefill.unfinished()):
+            self._prefill, self._prefill_rows = None, []
+        self._kv_tokens = (self._batch.slots() if self._batch is not None else 0) + \
+                          (self._prefill.slots() if self._prefill is not None else 0)
+
+    def _drop_kv(self) -> None:
+        """Forget every request's KV (retraction, release); their tokens are kept and prefilled again on admission."""
+        with self._cond:
+            requests = self._running + list(self._waiting)
+        for request in requests:
+            request.cache = None
+            request.processed = 0
+        self._batch, self._batch_rows = None, []
+        self._prefill, self._prefill_rows = None, []
+        self._kv_tokens = 0
+
+    def _accept(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Sample each request's next token from its row of logits, record it, and finish the requests that stop."""
+        stop_ids, banned = [], []
+        for request in requests:
+            params = request.request.sampling_params
+            stops = [] if params.ignore_eos else sorted(set(params.stop_token_ids or ()) | self.eos_token_ids)
+            stop_ids.append(stops)
+            banned.append(stops if len(request.output_ids) < params.min_new_tokens else None)
+        samples = sample_tokens(logits, [r.request.sampling_params for r in requests],
+                                [r.generator if r.generator is not None else self._rng for r in requests], banned)
+        for request, stops, (token, logprob) in zip(requests, stop_ids, samples):
             request.output_ids.append(token)
             request.logprobs.append(logprob)
             request.versions.append(self.weight_version)
             request.tokens.append(token)
-            if token in stop_ids:
+            limit = request.request.sampling_params.max_new_tokens
+            if token in stops:
                 self._finish(request, {"type": "stop", "matched": token})
-            elif len(request.output_ids) >= params.max_new_tokens:
-                self._finish(request, {"type": "length", "length": params.max_new_tokens})
+            elif len(request.output_ids) >= limit:
+                self._finish(request, {"type": "length", "length": limit})
 
     # ------------------------------------------------------------------ finishing
 
@@ -565,7 +769,7 @@ class EmbeddedEngine:
                 self._waiting.remove(request)
             self._active_rids.discard(request.rid)
             self._completed += 1
-        request.cache = None
+        request.cache = None  # deterministic mode; batched mode drops the row in _compact
 
     def _finish(self, request: _Request, finish: dict, include_prompt_tokens: bool = True) -> None:
         self._remove(request)
@@ -598,12 +802,11 @@ class EmbeddedEngine:
         if mode == "abort":
             self._abort("", abort_all=True)
         elif mode == "retract":
+            self._drop_kv()
             with self._cond:
                 retracted = list(self._running)
                 self._running.clear()
                 for request in reversed(retracted):
-                    request.cache = None
-                    request.processed = 0
                     request.num_retractions += 1
                     self._waiting.appendleft(request)
         elif mode != "in_place":
@@ -642,9 +845,7 @@ class EmbeddedEngine:
                 parameter.data = torch.empty(0, dtype=parameter.dtype)
             self._weights_backup = backup
         if "kv_cache" in tags:
-            for request in self._waiting:  # retracted requests: their KV is recomputed on admission
-                request.cache = None
-                request.processed = 0
+            self._drop_kv()  # idle: nothing is running; retracted requests recompute their KV on admission
         with self._cond:
             self._released.update(tags)
 
@@ -659,7 +860,7 @@ class EmbeddedEngine:
             assert self._weights_backup is not None
             saved = load_file(str(self._weights_backup / "weights.safetensors"))
             for name, parameter in self.model.named_parameters():
-                parameter.data = saved[name]
+                parameter.data = saved[name].clone()  # aligned, as at load (see _load_model)
             shutil.rmtree(self._weights_backup, ignore_errors=True)
             self._weights_backup = None
         with self._cond:

@@ -10,8 +10,10 @@ Request/response bodies are the models of `protocol.py`; paths, methods and stat
     GET  /health_generate              1-token greedy generation; 503 while paused, released or stuck
     GET  /model_info, /get_model_info  model_path, weight_version, ...   (SGLang 0.5.23 has no
                                        /get_weight_version: weight_version is read from /model_info)
-    GET  /server_info, /get_server_info  settings + internal_states[0] = scheduler stats, including
-                                       `recent_batches` (the rids of each step's batch)
+    GET  /server_info, /get_server_info  settings (SGLang's names: enable_deterministic_inference,
+                                       chunked_prefill_size, max_total_tokens, ...) + internal_states[0]
+                                       = scheduler stats, including `recent_batches` (the rids of each
+                                       step's batch) and `kv_cache_tokens`
     GET|POST /flush_cache?timeout=s    200 text when idle, else 400 text
     POST /update_weights_from_disk     {"success", "message", "num_paused_requests"}; 400 when success=false
     GET|POST /release_memory_occupation, /resume_memory_occupation   200 `null`
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 import time
 import uuid
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from megatron_rl.errors import UserError
+from megatron_rl.net import check_port
 from megatron_rl.rollout.embedded_engine import (
     HEALTH_CHECK_RID_PREFIX, EmbeddedEngine, EngineRequest, EngineStateError, RequestError,
 )
@@ -185,7 +187,9 @@ def create_app(engine: EmbeddedEngine) -> FastAPI:
             "model_path": engine.model_path,
             "load_format": engine.load_format,
             "max_running_requests": engine.max_running_requests,
-            "prefill_chunk": engine.prefill_chunk,
+            "enable_deterministic_inference": engine.deterministic,
+            "chunked_prefill_size": engine.chunked_prefill_size,
+            "max_total_tokens": engine.max_total_tokens,
             "context_length": engine.context_length,
             "internal_states": [engine.stats()],
         }
@@ -251,36 +255,25 @@ def create_app(engine: EmbeddedEngine) -> FastAPI:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_port(host: str, port: int) -> None:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise UserError(f"--host {host}: cannot resolve ({exc})") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
-
-
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 30000, load_format: str = "auto",
-          max_running_requests: int = 8, weight_version: str = "default", random_seed: int | None = None,
-          log_level: str = "warning") -> int:
+          max_running_requests: int = 8, weight_version: str = "default",
+          enable_deterministic_inference: bool = False, chunked_prefill_size: int | None = None,
+          max_total_tokens: int | None = None, random_seed: int | None = None, log_level: str = "warning") -> int:
     """Load the model, start the scheduler and serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    if not 0 < port < 65536:
-        raise UserError(f"--port must be in 1..65535 (got {port})")
-    _check_port(host, port)
+    check_port(host, port)
     engine = EmbeddedEngine(model, load_format=load_format, max_running_requests=max_running_requests,
-                            weight_version=weight_version, random_seed=random_seed).start()
+                            weight_version=weight_version, enable_deterministic_inference=enable_deterministic_inference,
+                            chunked_prefill_size=chunked_prefill_size, max_total_tokens=max_total_tokens,
+                            random_seed=random_seed).start()
     try:
         config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level,
                                 access_log=False, timeout_graceful_shutdown=5)
-        print(f"embedded engine: serving {model} (weight_version {weight_version!r}, "
-              f"max {max_running_requests} running) at http://{host}:{port}", flush=True)
+        mode = "deterministic" if engine.deterministic else "batched"
+        print(f"embedded engine: serving {model} ({mode} mode, weight_version {weight_version!r}, "
+              f"max {max_running_requests} running, max {engine.max_total_tokens} KV tokens) "
+              f"at http://{host}:{port}", flush=True)
         uvicorn.Server(config).run()
     finally:
         engine.shutdown()
