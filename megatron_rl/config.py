@@ -48,6 +48,7 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
+    sglang_args: list[str] = Field(default_factory=list, description="extra `sglang.launch_server` arguments")
 
 
 class AlgoConfig(Section):
@@ -114,6 +115,17 @@ class HybridConfig(Section):
     weight_sync: Literal["disk", "cuda_ipc", "nccl"] = "disk"
     bucket_size_mb: int = Field(512, ge=1, description="bound on one streamed weight bucket")
     shm_dir: str = "/dev/shm"
+    # The sidecar (hybrid/sidecar.py) owns the engine process. Unset sidecar_url: the driver runs one in process.
+    sidecar_url: str | None = Field(None, description="a `megatron-rl sidecar` to use (the pod's rollout container)")
+    sidecar_host: str = Field("127.0.0.1", description="where `megatron-rl sidecar` listens (pod-local)")
+    sidecar_port: int = Field(31000, ge=1, le=65535)
+    sidecar_token_file: str | None = Field(
+        None, description="file holding the control API's bearer token (else env MEGATRON_RL_SIDECAR_TOKEN)")
+    pod_name: str = Field("pod-0", description="this pod's name in the run's metadata")
+    engine_lifecycle: Literal["release", "restart"] = Field(
+        "release", description="between rollouts: release the engine's memory, or stop it and start it again (k1.5)")
+    max_engine_restarts: int = Field(5, ge=0, description="crash restarts before the sidecar gives up")
+    sidecar_lease_ttl_s: int = Field(5, ge=1, description="the sidecar's record vanishes this long after it dies")
 
 
 class ControlConfig(Section):

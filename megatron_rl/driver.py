@@ -170,6 +170,7 @@ class Driver:
             token_ids=[sample.token_ids for sample in samples],
             loss_mask=[[0.0] * len(sample.prompt.input_ids) + [1.0] * len(sample.response_ids) for sample in samples],
             rewards=rewards.tolist(), group_ids=group_ids.tolist(),
+            rollout_logprobs=[[math.nan] * len(sample.prompt.input_ids) + sample.response_logprobs for sample in samples],
         )
         self._save_rollouts(iteration, samples, scores, rewards.tolist())
         response_lengths = lengths.tolist()

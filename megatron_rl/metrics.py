@@ -29,6 +29,7 @@ CONSOLE_COLUMNS = (
     ("weight_sync_seconds", "sync s", "{:>6.2f}"),
     ("loss", "loss", "{:>9.4f}"),
     ("grad_norm", "|grad|", "{:>8.3f}"),
+    ("rollout_logprob_gap", "lp gap", "{:>8.1e}"),
 )
 
 

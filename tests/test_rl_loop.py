@@ -15,7 +15,8 @@ from megatron_rl.net import free_port
 TINY = str(Path(__file__).resolve().parents[1] / "megatron_rl" / "examples" / "tiny.yaml")
 REQUIRED_KEYS = {"iteration", "reward_mean", "accuracy", "response_len_mean", "response_len_p95",
                  "rollout_tokens_per_s", "rollout_seconds", "train_seconds", "weight_sync_seconds",
-                 "iteration_seconds", "weight_version", "new_weight_version", "loss", "grad_norm", "skipped_steps"}
+                 "iteration_seconds", "weight_version", "new_weight_version", "loss", "grad_norm", "skipped_steps",
+                 "rollout_logprob_gap"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -32,6 +33,8 @@ def test_rl_learns_the_echo_task_from_chance(tmp_path):
     # Rollout i ran on the weights of iteration i-1, and the engine took version i afterwards.
     assert all(m["weight_version"] == str(m["iteration"] - 1) and m["new_weight_version"] == str(m["iteration"])
                for m in metrics)
+    # The engine sampled with the weights the trainer holds: their log-probs agree (fp32 on both sides).
+    assert all(m["rollout_logprob_gap"] < 1e-3 for m in metrics), [m["rollout_logprob_gap"] for m in metrics]
     rewards = [m["reward_mean"] for m in metrics]
     assert rewards[0] < 0.3, rewards  # chance: one token in 20 is the right digit
     assert sum(rewards[-5:]) / 5 >= 0.9, rewards

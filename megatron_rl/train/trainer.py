@@ -35,6 +35,9 @@ class TrainBatch:
     loss_mask: list[list[float]]  # aligned with token_ids: 1 on response tokens to train on, 0 on prompt/old segments
     rewards: list[float]  # task reward (+ weighted length reward), one per sample
     group_ids: list[int]  # samples of the same prompt share an id
+    # The engine's log-prob of each token as it sampled it, aligned with token_ids (NaN where it has none,
+    # e.g. prompt tokens); optional, for comparing the engine with the trainer on the same weights.
+    rollout_logprobs: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         count = len(self.token_ids)
@@ -43,6 +46,8 @@ class TrainBatch:
         for tokens, mask in zip(self.token_ids, self.loss_mask):
             if len(tokens) != len(mask) or len(tokens) < 2:
                 raise ValueError("every sample needs ≥ 2 tokens and a loss mask of the same length")
+        if self.rollout_logprobs is not None and [len(t) for t in self.token_ids] != [len(l) for l in self.rollout_logprobs]:
+            raise ValueError("rollout_logprobs must hold one value per token of every sample")
 
     def position_loss_mask(self, index: int) -> list[float]:
         """The mask per position: position t predicts token t+1, so it takes token t+1's mask."""
@@ -194,7 +199,25 @@ class PolicyTrainer:
         step_metrics = [self._optimizer_step(batch, indices, position_masks, reference_lists, advantages) for indices in steps]
         metrics = {key: sum(m[key] for m in step_metrics) / len(step_metrics) for key in step_metrics[0] if key != "skipped"}
         metrics["skipped_steps"] = float(sum(m["skipped"] for m in step_metrics))
+        if batch.rollout_logprobs is not None:
+            metrics.update(self._share_from_last_stage(self._rollout_logprob_gap(batch, reference)))
         return metrics
+
+    def _rollout_logprob_gap(self, batch: TrainBatch, reference: dict[int, torch.Tensor]) -> dict[str, float]:
+        """Mean |engine log-prob − trainer log-prob| over this rank's trained tokens.
+
+        Both come from the same weights (the engine sampled with version i−1, which the trainer holds
+        as the iteration's reference), so a gap well above the engines' numerical noise means the
+        weights the engine served were not the trainer's: a failed or garbled weight sync.
+        """
+        gaps = []
+        for index, trainer_logprobs in reference.items():
+            engine = torch.tensor(batch.rollout_logprobs[index][1:], dtype=torch.float32)  # token t+1 at position t
+            trained = torch.tensor(batch.loss_mask[index][1:]) > 0
+            keep = trained & torch.isfinite(engine)
+            gaps.append((engine[keep] - trainer_logprobs[keep]).abs())
+        gap = torch.cat(gaps) if gaps else torch.zeros(0)
+        return {"rollout_logprob_gap": gap.mean().item() if gap.numel() else 0.0} if self.is_last_stage else {}
 
     def _optimizer_step(self, batch: TrainBatch, indices: list[int], position_masks, reference_lists, advantages) -> dict[str, float]:
         temperature = self.config.rollout.temperature or 1.0
