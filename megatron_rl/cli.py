@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "megatron_rl.data.commands",
     "megatron_rl.rollout.commands",
     "megatron_rl.reward.sandbox.commands",
+    "megatron_rl.hybrid.commands",
 )
 
 

@@ -1,0 +1,35 @@
+"""`megatron-rl sidecar`: the pod's sidecar (rollout container), owning the inference engine."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    sidecar = subparsers.add_parser(
+        "sidecar", help="run the pod's sidecar: start and own the rollout engine (model.hf_path, rollout.*), serve "
+                        "its control API (hybrid.sidecar_host/port) and publish its status (control.*)")
+    add_sidecar_arguments(sidecar)
+    sidecar.set_defaults(handler=run_sidecar)
+
+
+def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (the same file as the run's)")
+    parser.add_argument("--log-dir", help="where the engine's log goes (default: TMPDIR/megatron-rl-sidecar-POD)")
+    parser.add_argument("--engine-port", type=int, help="the engine's port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. hybrid.pod_name=pod-3")
+
+
+def run_sidecar(args: argparse.Namespace) -> int:
+    import logging
+
+    from megatron_rl.config import load_config
+    from megatron_rl.errors import UserError
+    from megatron_rl.hybrid.sidecar_server import serve
+
+    if args.engine_port is not None and not 0 < args.engine_port < 65536:
+        raise UserError(f"--engine-port must be in 1..65535 (got {args.engine_port})")
+    config = load_config(args.config, args.overrides)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(config, log_dir=args.log_dir, engine_port=args.engine_port)
