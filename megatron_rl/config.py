@@ -96,6 +96,7 @@ class DataConfig(Section):
     synthetic: SyntheticDataConfig | None = None
     prompts_per_iteration: int = Field(8, ge=1)
     apply_chat_template: bool = Field(True, description="format prompts with the tokenizer's chat template, if it has one")
+    system_prompt: str | None = Field(None, description="system message for prompts without one (chat template only)")
     seed: int = 1234
 
 

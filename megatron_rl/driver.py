@@ -55,6 +55,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 class Driver:
     def __init__(self, config: Config, run_dir: Path, model_dir: Path, context_length: int):
+        self._started = time.monotonic()
         self.config = config
         self.run_dir = run_dir
         self.console = Console(highlight=False, soft_wrap=True)  # table rows stay whole lines in logs too
@@ -64,10 +65,10 @@ class Driver:
         if max_prompt_tokens < 1:
             raise UserError(f"rollout.max_new_tokens={config.rollout.max_new_tokens} leaves no room for a prompt in "
                             f"the {context_length}-token context; lower it")
-        apply_template = config.data.apply_chat_template
-        self.train_prompts = encode_prompts(train_records, self.tokenizer, apply_template, max_prompt_tokens, source)
-        self.eval_prompts = (encode_prompts(eval_records[: config.eval.max_prompts], self.tokenizer, apply_template,
-                                            max_prompt_tokens, source + " (eval)") if eval_records else [])
+        template, system = config.data.apply_chat_template, config.data.system_prompt
+        self.train_prompts = encode_prompts(train_records, self.tokenizer, template, max_prompt_tokens, source, system)
+        self.eval_prompts = (encode_prompts(eval_records[: config.eval.max_prompts], self.tokenizer, template,
+                                            max_prompt_tokens, source + " (eval)", system) if eval_records else [])
         self.sampler = PromptSampler(len(self.train_prompts), config.data.seed)
         self.metrics = MetricsLog(run_dir, config.logging.tensorboard)
         self.table = ConsoleTable(self.console)
@@ -78,6 +79,7 @@ class Driver:
         self.engine_process: EmbeddedEngineProcess | None = None
         self.engine = self._connect_engine(model_dir)
         self._last_rollout_stats: dict = {}
+        self._evaluations: list[dict] = []
         self.console.print(f"driver: {len(self.train_prompts)} training prompts, {len(self.eval_prompts)} held-out, "
                            f"engine at {self.engine.base_url}, run directory {run_dir}")
 
@@ -227,9 +229,19 @@ class Driver:
             "response_len_mean": sum(len(s.response_ids) for s in rollout.samples) / max(len(rollout.samples), 1),
         }
         append_json_line(self.run_dir / "eval.jsonl", result)
+        self._evaluations.append(result)
         self.console.print(f"eval after {after_iterations} iterations: accuracy {result['accuracy']:.3f} on "
                            f"{result['prompts']} held-out prompts (greedy), mean length {result['response_len_mean']:.1f} tokens")
         return result
+
+    def print_summary(self, iterations: int) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - self._started), 60)
+        line = f"run complete: {iterations} iterations in {minutes}m{seconds:02d}s"
+        if len(self._evaluations) >= 2:
+            first, last = self._evaluations[0], self._evaluations[-1]
+            line += (f"; held-out accuracy {first['accuracy']:.3f} → {last['accuracy']:.3f} "
+                     f"(greedy, {last['prompts']} prompts)")
+        self.console.print(f"{line}; records in {self.run_dir}", style="bold")
 
     def finish_iteration(self, iteration: int, train_metrics: dict, phase_seconds: dict, weights: WrittenWeights) -> None:
         """One complete metrics line (and table row) for the iteration."""

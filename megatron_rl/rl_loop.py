@@ -46,9 +46,9 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path) -> None:
         trainer.load_hf(SafetensorsReader(model_dir))
         group = dist.new_group(backend="gloo", timeout=DRIVER_WAIT)
         context_length = min(config.model.max_sequence_length, architecture.max_position_embeddings)
-        weight_sync = DiskWeightSync(config.hybrid.shm_dir, run_dir, config.hybrid.bucket_size_mb * 2**20)
         driver_context = _driver_or_error(group, lambda: Driver(config, run_dir, model_dir, context_length))
-        with driver_context as driver:
+        with driver_context as driver, DiskWeightSync(config.hybrid.shm_dir, run_dir,
+                                                      config.hybrid.bucket_size_mb * 2**20) as weight_sync:
             on_driver = _on_driver(group, driver)
             weights = weight_sync.write(trainer, "0")
             on_driver(lambda d: d.load_weights(weight_sync, weights))
@@ -66,8 +66,7 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path) -> None:
                 interval = config.eval.interval
                 if (interval and iteration % interval == 0) or iteration == config.train.iterations:
                     on_driver(lambda d: d.evaluate(iteration, str(iteration)))
-            if dist.get_rank() == 0:
-                weight_sync.close()
+            on_driver(lambda d: d.print_summary(config.train.iterations))
 
 
 class PhaseTimer:

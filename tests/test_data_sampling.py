@@ -83,3 +83,8 @@ def test_chat_template_formats_prompts_and_messages_alike():
     assert [tokenizer.decode(e.input_ids) for e in encoded] == ["1 2=?", "1 2=?"]
     plain = encode_prompts(records[:1], tokenizer, False, 10, "set.jsonl")  # data.apply_chat_template=false
     assert tokenizer.decode(plain[0].input_ids) == "1 2"
+    # data.system_prompt goes first into conversations without a system message of their own.
+    system = encode_prompts(records + [PromptRecord(id="own", answer="2", messages=[
+        ChatMessage(role="system", content="9"), ChatMessage(role="user", content="1 2")])], tokenizer, True, 10,
+        "set.jsonl", system_prompt="0")
+    assert [tokenizer.decode(e.input_ids) for e in system] == ["0=1 2=?", "0=1 2=?", "9=1 2=?"]

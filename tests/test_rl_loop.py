@@ -9,6 +9,7 @@ import pytest
 from engine_fixtures import EngineServer
 from megatron_rl.cli import main
 from megatron_rl.hf_checkpoint import resolve_hf_dir
+from megatron_rl.hybrid.weight_sync import DiskWeightSync
 from megatron_rl.metrics import append_json_line
 from megatron_rl.net import free_port
 
@@ -82,6 +83,8 @@ def test_an_engine_that_rejects_the_weights_stops_the_run(tmp_path, tiny_models,
     assert code == 1
     error = capsys.readouterr().err
     assert "weight sync of version 0 failed" in error and "do not match the served model" in error
+    # The weights written for the engine do not outlive the failed run in shared memory.
+    assert not DiskWeightSync("/dev/shm", tmp_path / "run", 1).directory.exists()
 
 
 def test_requests_the_engine_rejects_drop_their_prompt_group_and_are_counted(tmp_path):

@@ -28,8 +28,11 @@ def load_tokenizer(model_dir: Path):
 
 
 def encode_prompts(records: list[PromptRecord], tokenizer, apply_chat_template: bool, max_prompt_tokens: int,
-                   source: str) -> list[EncodedPrompt]:
+                   source: str, system_prompt: str | None = None) -> list[EncodedPrompt]:
     """Token ids of each prompt: through the chat template when asked and the tokenizer has one.
+
+    `system_prompt` is put first into conversations that have no system message of their own (many
+    templates otherwise insert a default one).
 
     Prompts longer than `max_prompt_tokens` (the context left after the response budget) cannot be
     answered; they are dropped with a warning that names the first of them.
@@ -38,7 +41,10 @@ def encode_prompts(records: list[PromptRecord], tokenizer, apply_chat_template: 
     encoded, too_long = [], []
     for record in records:
         if use_template:
-            text = tokenizer.apply_chat_template(record.chat_messages(), add_generation_prompt=True, tokenize=False)
+            messages = record.chat_messages()
+            if system_prompt is not None and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system_prompt}, *messages]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         elif record.prompt is not None:
             input_ids = tokenizer(record.prompt)["input_ids"]

@@ -77,4 +77,11 @@ class DiskWeightSync:
         weights.load_seconds = time.monotonic() - started
 
     def close(self) -> None:
+        """Free the shared memory this run's weights still hold (every rank may call it)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> DiskWeightSync:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
