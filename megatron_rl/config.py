@@ -76,6 +76,8 @@ class TrainConfig(Section):
     reset_optimizer_each_iteration: bool = True
     micro_batch_size: int = Field(4, ge=1)
     seed: int = 1234
+    offload: bool | None = Field(
+        None, description="free the trainer's device memory between training phases; unset: on with CUDA, off on CPU")
 
 
 class SyntheticDataConfig(Section):

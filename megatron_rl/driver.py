@@ -24,14 +24,17 @@ from megatron_rl.data.formatting import EncodedPrompt, encode_prompts, load_toke
 from megatron_rl.data.prompts import PromptRecord, load_prompts
 from megatron_rl.data.sampler import PromptSampler
 from megatron_rl.data.synthetic import synthetic_prompt_sets
+from megatron_rl.control.store import store_from_config
 from megatron_rl.errors import RunError, UserError
-from megatron_rl.hybrid.weight_sync import DiskWeightSync, WrittenWeights
+from megatron_rl.hybrid.engine_control import EngineControl
+from megatron_rl.hybrid.phases import PhaseOrchestrator
+from megatron_rl.hybrid.weight_sync import WrittenWeights
 from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line
 from megatron_rl.reward.batch import RewardRequest, RewardResult, score_batch
 from megatron_rl.rollout.client import EngineClient
-from megatron_rl.rollout.engine_process import EmbeddedEngineProcess, EngineStartError
 from megatron_rl.rollout.generation import RolloutFailed, RolloutResult, Sample, StaleWeightsError, generate_samples
-from megatron_rl.rollout.protocol import EngineError, SamplingParams
+from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.train.offload import OffloadResult
 from megatron_rl.train.trainer import TrainBatch
 
 logger = logging.getLogger(__name__)
@@ -76,49 +79,44 @@ class Driver:
         self.rollouts_dir.mkdir(exist_ok=True)
         self.reward_pool = (ProcessPoolExecutor(config.reward.workers, mp_context=multiprocessing.get_context("spawn"))
                             if config.reward.workers > 0 else None)
-        self.engine_process: EmbeddedEngineProcess | None = None
-        self.engine = self._connect_engine(model_dir)
         self._last_rollout_stats: dict = {}
         self._evaluations: list[dict] = []
+        self.store = store_from_config(config.control)
+        self.phases = PhaseOrchestrator(self.store, config.control.run_name)
+        self.phases.start()
+        self.engine_control = EngineControl.from_config(config, run_dir, self.store)
+        self.engine_control.wait_ready()
+        self.engine = EngineClient(self.engine_control.engine_url, timeout=config.rollout.request_timeout_s)
         self.console.print(f"driver: {len(self.train_prompts)} training prompts, {len(self.eval_prompts)} held-out, "
-                           f"engine at {self.engine.base_url}, run directory {run_dir}")
+                           f"engine at {self.engine.base_url} (log: {run_dir / 'engine.log'}), run directory {run_dir}")
 
-    # --- the engine ------------------------------------------------------------------------------
+    # --- phases and the engine's lifecycle ------------------------------------------------------------
 
-    def _connect_engine(self, model_dir: Path) -> EngineClient:
-        rollout = self.config.rollout
-        if rollout.engine_url:
-            client = EngineClient(rollout.engine_url, timeout=rollout.request_timeout_s)
-            try:
-                client.get_model_info()
-            except EngineError as error:
-                raise RunError(f"{error} (rollout.engine_url); start the engine there, or unset rollout.engine_url "
-                               "to let the run start the embedded engine") from None
-            return client
-        if rollout.engine == "sglang":
-            raise UserError("rollout.engine=sglang needs rollout.engine_url: SGLang runs on GPU, started by the "
-                            "sidecar or by you; the run itself starts only the embedded engine")
-        self.engine_process = EmbeddedEngineProcess(model_dir, self.run_dir / "engine.log",
-                                                    max_running_requests=rollout.engine_max_running_requests)
-        self.console.print(f"driver: starting the embedded engine (log: {self.engine_process.log_path})")
-        try:
-            client = self.engine_process.start(timeout=rollout.engine_start_timeout_s)
-        except EngineStartError as error:
-            raise RunError(str(error)) from None
-        return EngineClient(client.base_url, timeout=rollout.request_timeout_s)
+    def enter_phase(self, phase: str, iteration: int, weight_version: str | None) -> None:
+        self.phases.enter(phase, iteration, weight_version)
 
-    def load_weights(self, weight_sync: DiskWeightSync, weights: WrittenWeights) -> None:
-        try:
-            weight_sync.load(self.engine, weights)
-        except EngineError as error:
-            raise RunError(f"weight sync of version {weights.weight_version} failed: {error}") from None
+    def release_engine(self) -> None:
+        self.engine_control.release()
+
+    def prepare_engine_for_weights(self) -> None:
+        self.engine_control.prepare_for_weights()
+
+    def load_weights(self, weights: WrittenWeights) -> None:
+        """The engine loads the written version, reports it, and gets the rest of its memory back."""
+        self.engine_control.load(weights)
+        self.engine_control.resume(weights.weight_version)
 
     def close(self) -> None:
-        if self.engine_process is not None:
-            self.engine_process.stop()
+        try:
+            if self.phases.current is not None and self.phases.current.phase != "done":
+                self.phases.enter("failed", self.phases.current.iteration, self.phases.current.weight_version)
+        except Exception as error:  # closing must go on: the engine is stopped next
+            logger.warning("could not mark the run failed in the metadata store: %s", error)
+        self.engine_control.close()
         if self.reward_pool is not None:
             self.reward_pool.shutdown(cancel_futures=True)
         self.metrics.close()
+        self.store.close()
 
     # --- rollout and reward ------------------------------------------------------------------------
 
@@ -139,7 +137,8 @@ class Driver:
                 return generate_samples(
                     self.engine, prompts, samples_per_prompt, sampling, weight_version,
                     lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), seed=seed, iteration=iteration,
-                    timeout=rollout.request_timeout_s, repetition=self.config.reward.repetition, on_sample_done=advance)
+                    timeout=rollout.request_timeout_s, repetition=self.config.reward.repetition, on_sample_done=advance,
+                    recover=lambda: self.engine_control.recover(weight_version))
             except (RolloutFailed, StaleWeightsError) as error:
                 raise RunError(str(error)) from None
 
@@ -205,7 +204,8 @@ class Driver:
         path = self.rollouts_dir / f"iteration-{iteration:06d}.jsonl"
         for sample, score, reward in zip(samples, scores, rewards):
             append_json_line(path, {
-                "prompt_id": sample.prompt.record.id, "group_id": sample.group_id, "response": sample.response_text,
+                "prompt_id": sample.prompt.record.id, "group_id": sample.group_id, "sample_index": sample.sample_index,
+                "response": sample.response_text,
                 "response_tokens": len(sample.response_ids), "finish_reason": sample.finish_reason,
                 "weight_version": sample.weight_version, "answer": score.extracted_answer,
                 "reference_answer": sample.prompt.record.answer, "reason": score.reason, "reward": reward,
@@ -243,11 +243,24 @@ class Driver:
                      f"(greedy, {last['prompts']} prompts)")
         self.console.print(f"{line}; records in {self.run_dir}", style="bold")
 
-    def finish_iteration(self, iteration: int, train_metrics: dict, phase_seconds: dict, weights: WrittenWeights) -> None:
+    def report_startup(self, weights: WrittenWeights) -> None:
+        seconds = self.phases.take_seconds()  # start-up, not an iteration: counted apart from iteration 1
+        self.console.print(f"driver: the engine serves weight version {weights.weight_version} "
+                           f"({weights.bytes / 1e6:.1f} MB pushed in {seconds.get('sync', 0.0):.2f} s)")
+
+    def finish_iteration(self, iteration: int, train_metrics: dict, weights: WrittenWeights,
+                         offloaded: OffloadResult | None, onloaded: OffloadResult | None) -> None:
         """One complete metrics line (and table row) for the iteration."""
+        phase_seconds = self.phases.take_seconds()
+        offload = {}
+        if offloaded is not None and onloaded is not None:
+            offload = {"offload_bytes": offloaded.bytes_copied, "device_free_bytes_after_offload": offloaded.device_free_bytes,
+                       "device_free_bytes_after_onload": onloaded.device_free_bytes}
         record = {"iteration": iteration, **self._last_rollout_stats, **train_metrics,
                   **{f"{phase}_seconds": seconds for phase, seconds in phase_seconds.items()},
-                  "weight_sync_bytes": weights.bytes, "weight_sync_gb_per_s": weights.gigabytes_per_second,
-                  "new_weight_version": weights.weight_version}
+                  "iteration_seconds": sum(phase_seconds.values()),
+                  "weight_sync_bytes": weights.bytes, "weight_sync_seconds": weights.seconds,
+                  "weight_sync_gb_per_s": weights.gigabytes_per_second, "new_weight_version": weights.weight_version,
+                  "engine_restarts": self.engine_control.status().restarts, **offload}
         self.metrics.write(record)
         self.table.row(record)

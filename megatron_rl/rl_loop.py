@@ -1,27 +1,31 @@
 """The RL iteration loop (k1.5 §2.3): rollout → reward → train → weight sync, once per iteration.
 
 It runs on every trainer rank (local TP×PP workers, or torchrun's ranks). Global rank 0 also holds
-the Driver (driver.py: engine, prompts, rewards, logs); what the driver produces reaches the other
-ranks through `on_driver`. Weight versions: the engine serves version i-1 while iteration i rolls
-out, and every sample is checked to come from it; training then produces version i.
+the Driver (driver.py: engine, prompts, rewards, logs, the run's phase record); what the driver
+produces reaches the other ranks through `on_driver`. Trainer and engine share the devices, so each
+iteration walks the phases of hybrid/phases.py: rollout → release (the engine's memory) → onload (the
+trainer's) → train → offload → sync (engine weights resumed, new weights pushed and checked, the rest
+resumed). Weight versions: the engine serves version i-1 while iteration i rolls out, and every
+sample is checked to come from it; training then produces version i.
 """
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import yaml
 
 from megatron_rl.config import Config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hf_checkpoint import SafetensorsReader, read_hf_config, resolve_hf_dir
-from megatron_rl.hybrid.weight_sync import DiskWeightSync
+from megatron_rl.hybrid.weight_sync import DiskWeightSync, WrittenWeights
 from megatron_rl.train import parallel
 from megatron_rl.train.model import architecture_from_hf_config, check_parallel_layout
+from megatron_rl.train.offload import TrainerOffload
 from megatron_rl.train.trainer import PolicyTrainer
 
 # A rollout can take long; the ranks waiting for it must not time out meanwhile.
@@ -44,44 +48,57 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path) -> None:
         architecture = architecture_from_hf_config(read_hf_config(model_dir))
         trainer = PolicyTrainer(config, architecture, model_dir)
         trainer.load_hf(SafetensorsReader(model_dir))
+        offload = TrainerOffload(trainer) if _offload_enabled(config) else None
         group = dist.new_group(backend="gloo", timeout=DRIVER_WAIT)
         context_length = min(config.model.max_sequence_length, architecture.max_position_embeddings)
         driver_context = _driver_or_error(group, lambda: Driver(config, run_dir, model_dir, context_length))
         with driver_context as driver, DiskWeightSync(config.hybrid.shm_dir, run_dir,
                                                       config.hybrid.bucket_size_mb * 2**20) as weight_sync:
             on_driver = _on_driver(group, driver)
-            weights = weight_sync.write(trainer, "0")
-            on_driver(lambda d: d.load_weights(weight_sync, weights))
-            on_driver(lambda d: d.evaluate(0, "0"))
-            for iteration in range(1, config.train.iterations + 1):
-                timer = PhaseTimer()
-                with timer("rollout"):
-                    batch = on_driver(lambda d: d.collect_batch(iteration, weight_version=str(iteration - 1)))
-                with timer("train"):
-                    train_metrics = trainer.train_iteration(batch)
-                with timer("weight_sync"):
-                    weights = weight_sync.write(trainer, str(iteration))
-                    on_driver(lambda d: d.load_weights(weight_sync, weights))
-                on_driver(lambda d: d.finish_iteration(iteration, train_metrics, timer.seconds, weights))
-                interval = config.eval.interval
-                if (interval and iteration % interval == 0) or iteration == config.train.iterations:
-                    on_driver(lambda d: d.evaluate(iteration, str(iteration)))
-            on_driver(lambda d: d.print_summary(config.train.iterations))
+
+            def phase(name: str, iteration: int, weight_version: str) -> None:
+                on_driver(lambda d: d.enter_phase(name, iteration, weight_version))
+
+            def sync(iteration: int) -> WrittenWeights:
+                """Engine weights resumed → version `iteration` pushed and checked → the rest resumed."""
+                phase("sync", iteration, str(iteration))
+                on_driver(lambda d: d.prepare_engine_for_weights())
+                # An offloaded trainer's weights are read from its pinned CPU copies.
+                weights = weight_sync.write(trainer, str(iteration), offload.named_parameters() if offload else None)
+                on_driver(lambda d: d.load_weights(weights))
+                return weights
+
+            def evaluate(iteration: int) -> None:
+                phase("eval", iteration, str(iteration))
+                on_driver(lambda d: d.evaluate(iteration, str(iteration)))
+
+            iterations = config.train.iterations
+            startup_weights = sync(0)
+            on_driver(lambda d: d.report_startup(startup_weights))
+            evaluate(0)
+            for iteration in range(1, iterations + 1):
+                served = str(iteration - 1)  # the weight version the engine serves in this rollout
+                phase("rollout", iteration, served)
+                batch = on_driver(lambda d: d.collect_batch(iteration, weight_version=served))
+                phase("release", iteration, served)
+                on_driver(lambda d: d.release_engine())
+                phase("onload", iteration, served)
+                onloaded = offload.onload() if offload else None
+                phase("train", iteration, served)
+                train_metrics = trainer.train_iteration(batch)
+                phase("offload", iteration, served)
+                offloaded = offload.offload() if offload else None
+                weights = sync(iteration)
+                on_driver(lambda d: d.finish_iteration(iteration, train_metrics, weights, offloaded, onloaded))
+                if (config.eval.interval and iteration % config.eval.interval == 0) or iteration == iterations:
+                    evaluate(iteration)
+            phase("done", iterations, str(iterations))
+            on_driver(lambda d: d.print_summary(iterations))
 
 
-class PhaseTimer:
-    """Wall-clock seconds per named phase of one iteration, plus the iteration's total."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._started = time.monotonic()
-
-    @contextmanager
-    def __call__(self, phase: str):
-        started = time.monotonic()
-        yield
-        self.seconds[phase] = time.monotonic() - started
-        self.seconds["iteration"] = time.monotonic() - self._started
+def _offload_enabled(config: Config) -> bool:
+    # On CPU the "device" memory is the host's: moving it to pinned host memory would gain nothing.
+    return config.train.offload if config.train.offload is not None else torch.cuda.is_available()
 
 
 def _on_driver(group, driver) -> Callable[[Callable[[Any], Any]], Any]:
@@ -92,8 +109,8 @@ def _on_driver(group, driver) -> Callable[[Callable[[Any], Any]], Any]:
         if dist.get_rank() == 0:
             try:
                 message[0] = ("ok", function(driver))
-            except (UserError, RunError) as error:
-                message[0] = (type(error).__name__, str(error))
+            except (UserError, RunError) as error:  # subclasses travel as their family
+                message[0] = ("UserError" if isinstance(error, UserError) else "RunError", str(error))
             except Exception as error:  # other ranks must not wait forever for a driver that failed
                 message[0] = ("RunError", f"the driver failed: {type(error).__name__}: {error}")
                 dist.broadcast_object_list(message, src=0, group=group)

@@ -4,7 +4,6 @@ import math
 import shutil
 from pathlib import Path
 
-import pytest
 
 from engine_fixtures import EngineServer
 from megatron_rl.cli import main
@@ -116,3 +115,16 @@ def test_metrics_lines_are_whole_json_with_null_for_non_finite_values(tmp_path):
     append_json_line(path, {"iteration": 2, "loss": 0.5})
     assert read_jsonl(path) == [{"iteration": 1, "loss": None, "grad_norm": None, "nested": [None, 1.0]},
                                 {"iteration": 2, "loss": 0.5}]
+
+
+def test_the_restart_lifecycle_stops_the_engine_after_each_rollout_and_starts_it_with_the_new_weights(tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["train", "--config", TINY, "--run-dir", str(run_dir), "--iterations", "2",
+                 "hybrid.engine_lifecycle=restart", "data.prompts_per_iteration=8", "train.optimizer_steps_per_iteration=2"])
+    assert code == 0
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    # Each rollout ran on a freshly started engine holding exactly the trainer's weights of the iteration before.
+    assert [m["weight_version"] for m in metrics] == ["0", "1"]
+    assert all(m["rollout_logprob_gap"] < 1e-3 and m["engine_restarts"] == 0 for m in metrics)
+    starts = (run_dir / "engine.log").read_text().count("embedded engine: serving")
+    assert starts == 3  # at the run's start, then after each iteration's weight sync

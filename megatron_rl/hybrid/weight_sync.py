@@ -3,8 +3,8 @@
 k1.5's path (`hybrid.weight_sync=disk`): every pipeline stage writes its weights, gathered over TP and
 named as in HF, as safetensors into shared memory (`hybrid.shm_dir`, /dev/shm by default), in buckets
 of at most `hybrid.bucket_size_mb`, so a rank never holds more than one bucket beyond its shard. The
-engine then loads the directory with `update_weights_from_disk` and reports the new weight version,
-which is checked before any rollout uses it. The directory is removed once the engine has loaded it.
+engine's sidecar then loads the directory with `update_weights_from_disk`, checks the engine reports
+the new weight version before any rollout uses it, and deletes the directory once a newer one loaded.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_rl.errors import UserError
-from megatron_rl.rollout.client import EngineClient
-from megatron_rl.rollout.protocol import EngineError
 
 
 @dataclass
@@ -38,12 +36,9 @@ class WrittenWeights:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-class StaleEngineWeights(EngineError):
-    """The engine did not take the pushed weights."""
-
-
 class DiskWeightSync:
-    """`write` is collective (every trainer rank); `load` runs where the engine client lives (the driver)."""
+    """`write` is collective (every trainer rank). The engine's sidecar loads what it wrote, and owns the
+    loaded directory from then on (it keeps the last one, to re-load it after an engine restart)."""
 
     def __init__(self, shm_dir: str | Path, run_dir: Path, bucket_bytes: int):
         root = Path(shm_dir)
@@ -55,26 +50,16 @@ class DiskWeightSync:
         self.directory = root / f"megatron-rl-weights-{run_key}"
         self.bucket_bytes = bucket_bytes
 
-    def write(self, trainer, weight_version: str) -> WrittenWeights:
+    def write(self, trainer, weight_version: str, named_parameters=None) -> WrittenWeights:
+        """Collective. `named_parameters`: where to read the weights (default: the live parameters;
+        an offloaded trainer passes its pinned CPU copies, TrainerOffload.named_parameters())."""
         from megatron_rl.train.convert_commands import write_hf_model
 
         started = time.monotonic()
         target = self.directory / f"v{weight_version}"
-        written = write_hf_model(trainer.model, trainer.arch, target, trainer.hf_source, self.bucket_bytes)
+        written = write_hf_model(trainer.model, trainer.arch, target, trainer.hf_source, self.bucket_bytes,
+                                 named_parameters=named_parameters)
         return WrittenWeights(weight_version, target, written, time.monotonic() - started)
-
-    def load(self, engine: EngineClient, weights: WrittenWeights) -> None:
-        """Have the engine load `weights`, check it reports their version, then free the shared memory."""
-        started = time.monotonic()
-        try:
-            engine.update_weights_from_disk(str(weights.path), weight_version=weights.weight_version)
-            reported = engine.weight_version()
-            if reported != weights.weight_version:
-                raise StaleEngineWeights(f"the engine at {engine.base_url} reports weight version {reported!r} after "
-                                         f"loading version {weights.weight_version!r}")
-        finally:
-            shutil.rmtree(weights.path, ignore_errors=True)
-        weights.load_seconds = time.monotonic() - started
 
     def close(self) -> None:
         """Free the shared memory this run's weights still hold (every rank may call it)."""

@@ -141,10 +141,10 @@ def load_hf_weights(model, reader: SafetensorsReader, arch: ModelArchitecture) -
         param.copy_(shard)
 
 
-def _exported_params(model, arch: ModelArchitecture):
+def _exported_params(named_parameters, arch: ModelArchitecture):
     from megatron.core import parallel_state
 
-    for name, param in model.named_parameters():
+    for name, param in named_parameters:
         # A tied output layer is the embedding's copy: HF ties it, so it is not written twice.
         if name == "output_layer.weight" and arch.tied_embeddings:
             continue
@@ -154,12 +154,15 @@ def _exported_params(model, arch: ModelArchitecture):
 
 
 @torch.no_grad()
-def iter_hf_buckets(model, arch: ModelArchitecture, bucket_bytes: int, dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def iter_hf_buckets(model, arch: ModelArchitecture, bucket_bytes: int, dtype: torch.dtype | None = None,
+                    named_parameters=None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield this pipeline stage's weights as HF-named full tensors, in buckets of ≤ bucket_bytes.
 
     Collective over the TP group: every TP rank must iterate. Each yielded bucket is complete on
     every TP rank; a parameter larger than the bucket size gets a bucket of its own. Tensors may
-    alias the parameters: consume a bucket before the next optimizer step.
+    alias the parameters: consume a bucket before the next optimizer step. `named_parameters`
+    (default: the model's) may yield CPU copies, e.g. of an offloaded trainer: each shard then
+    visits the device only for its TP gather, so device memory holds one parameter at a time.
     """
     from megatron.core import parallel_state
 
@@ -168,9 +171,10 @@ def iter_hf_buckets(model, arch: ModelArchitecture, bucket_bytes: int, dtype: to
     offset = layer_offset(model)
     bucket: list[tuple[str, torch.Tensor]] = []
     bucket_size = 0
-    for name, param in _exported_params(model, arch):
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for name, param in _exported_params(named_parameters if named_parameters is not None else model.named_parameters(), arch):
         mapping = param_mapping(name, offset, arch)
-        shard = param.detach()
+        shard = param.detach().to(device, non_blocking=True)
         if mapping.split == REPLICATED or tp == 1:
             shards = [shard] * tp
         else:

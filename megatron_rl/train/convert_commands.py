@@ -77,10 +77,11 @@ def _mcore_to_hf_rank(mcore_dir: Path, out: Path, tp: int, pp: int, bucket_bytes
 
 
 def write_hf_model(model, arch: ModelArchitecture, out: Path, hf_source: Path, bucket_bytes: int,
-                   dtype: torch.dtype | None = None) -> int:
+                   dtype: torch.dtype | None = None, named_parameters=None) -> int:
     """Collective: stream this stage's weights in buckets into sharded safetensors plus an index.
 
-    Tensors are written in `dtype` (None: the parameters' own). Returns the bytes written in all.
+    Tensors are written in `dtype` (None: the parameters' own), read from `named_parameters` (see
+    iter_hf_buckets; default: the model's). Returns the bytes written in all.
     """
     from megatron.core import parallel_state
 
@@ -92,10 +93,10 @@ def write_hf_model(model, arch: ModelArchitecture, out: Path, hf_source: Path, b
     dist.barrier()
     weight_map: dict[str, str] = {}
     total_bytes = 0
-    for number, bucket in enumerate(iter_hf_buckets(model, arch, bucket_bytes, dtype=dtype)):
+    for number, bucket in enumerate(iter_hf_buckets(model, arch, bucket_bytes, dtype=dtype, named_parameters=named_parameters)):
         file_name = f"model-stage{stage:03d}-{number:05d}.safetensors"
         if writes:
-            save_file({name: tensor for name, tensor in bucket}, str(out / file_name), metadata={"format": "pt"})
+            save_file({name: tensor.cpu() for name, tensor in bucket}, str(out / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name, _ in bucket})
         total_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
     maps: list = [None] * dist.get_world_size()

@@ -1,0 +1,188 @@
+"""The driver's handle on the rollout engine: its lifecycle between phases, weight loads, recovery.
+
+Three ways to reach an engine, one interface (`EngineControl`):
+- an in-process sidecar (the default: `make run`, tests) that starts the embedded engine or SGLang;
+- the pod's `megatron-rl sidecar` over HTTP (`hybrid.sidecar_url`);
+- a bare engine someone else runs (`rollout.engine_url`): no restarts, no lifecycle but memory release.
+
+The lifecycle (`hybrid.engine_lifecycle`):
+- release: after rollout, release all engine memory; before a weight load resume the weights only;
+  after it resume the rest (KV cache, CUDA graphs) — the order peers found not to run out of memory;
+- restart: after rollout stop the engine; the new weights are handed to the stopped sidecar, which
+  loads them when it starts the engine again (k1.5's original lifecycle).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from megatron_rl.config import Config
+from megatron_rl.control.store import MetadataStore
+from megatron_rl.errors import RunError, UserError
+from megatron_rl.hybrid.sidecar_protocol import (
+    SidecarError, SidecarStatus, SidecarUnavailable, sidecar_record_key, utc_now,
+)
+from megatron_rl.hybrid.weight_sync import WrittenWeights
+from megatron_rl.rollout.client import EngineClient
+from megatron_rl.rollout.protocol import EngineError
+
+logger = logging.getLogger(__name__)
+
+
+class ExternalEngine:
+    """A bare engine at `rollout.engine_url` behind the sidecar's operations that need no process control."""
+
+    def __init__(self, client: EngineClient):
+        self.client = client
+        self.engine_url = client.base_url
+        self._released: set[str] = set()
+        self._kept: Path | None = None
+
+    def status(self) -> SidecarStatus:
+        return SidecarStatus(pod_name="external", state="ready", engine="sglang", engine_url=self.engine_url,
+                             engine_pid=None, weight_version=self.client.weight_version(), restarts=0,
+                             released_tags=sorted(self._released), updated_at=utc_now())
+
+    def wait_ready(self, timeout: float, weight_version: str | None = None) -> SidecarStatus:
+        self.client.wait_until_ready(timeout)
+        status = self.status()
+        if weight_version is not None and status.weight_version != weight_version:
+            raise RunError(f"the engine at {self.engine_url} serves weight version {status.weight_version!r}, not "
+                           f"{weight_version!r}, and nothing can reload it (rollout.engine_url has no sidecar)")
+        return status
+
+    def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
+        self.client.update_weights_from_disk(path, weight_version=weight_version)
+        reported = self.client.weight_version()
+        if reported != weight_version:
+            raise EngineError(f"the engine at {self.engine_url} reports weight version {reported!r} after loading "
+                              f"{weight_version!r}")
+        if self._kept is not None:  # like the sidecar: keep the last loaded directory only
+            shutil.rmtree(self._kept, ignore_errors=True)
+        self._kept = Path(path)
+        return self.status()
+
+    def release_memory(self, tags: list[str] | None = None) -> SidecarStatus:
+        self.client.release_memory_occupation(tags)
+        self._released |= set(tags or ("weights", "kv_cache", "cuda_graph"))
+        return self.status()
+
+    def resume_memory(self, tags: list[str] | None = None) -> SidecarStatus:
+        tags = sorted(self._released) if tags is None else tags
+        if tags:
+            self.client.resume_memory_occupation(tags)
+        self._released -= set(tags)
+        return self.status()
+
+    def close(self) -> None:
+        """The engine is not ours to stop."""
+
+
+class EngineControl:
+    """What the driver does to the engine, phase by phase."""
+
+    def __init__(self, control, config: Config, store: MetadataStore | None = None, owned: list | None = None):
+        self.control = control  # a Sidecar, a SidecarClient or an ExternalEngine
+        self.config = config
+        self.store = store
+        self._owned = owned or []  # what close() stops: an in-process sidecar and its registration
+        self.lifecycle = config.hybrid.engine_lifecycle
+
+    @classmethod
+    def from_config(cls, config: Config, run_dir: Path, store: MetadataStore) -> EngineControl:
+        rollout, hybrid = config.rollout, config.hybrid
+        if rollout.engine_url:
+            if hybrid.engine_lifecycle == "restart":
+                raise UserError("hybrid.engine_lifecycle=restart needs a sidecar to restart the engine; "
+                                "unset rollout.engine_url (or use hybrid.sidecar_url)")
+            client = EngineClient(rollout.engine_url, timeout=rollout.request_timeout_s)
+            try:
+                client.get_model_info()
+            except EngineError as error:
+                raise RunError(f"{error} (rollout.engine_url); start the engine there, or unset rollout.engine_url "
+                               "to let the run start its own") from None
+            return cls(ExternalEngine(client), config, store)
+        if hybrid.sidecar_url:
+            from megatron_rl.hybrid.sidecar_client import SidecarClient
+
+            return cls(SidecarClient.from_config(hybrid, timeout=rollout.request_timeout_s), config, store)
+        from megatron_rl.hybrid.sidecar import sidecar_from_config
+        from megatron_rl.hybrid.sidecar_metadata import SidecarRegistration
+
+        sidecar = sidecar_from_config(config, run_dir).start()
+        registration = SidecarRegistration(sidecar, lambda: store, run_name=config.control.run_name,
+                                           lease_ttl_s=hybrid.sidecar_lease_ttl_s, close_store=False).start()
+        return cls(sidecar, config, store, owned=[registration, sidecar])
+
+    @property
+    def engine_url(self) -> str:
+        return self.control.engine_url if hasattr(self.control, "engine_url") else self.control.status().engine_url
+
+    def status(self) -> SidecarStatus:
+        return self.control.status()
+
+    def wait_ready(self, weight_version: str | None = None) -> SidecarStatus:
+        try:
+            return self.control.wait_ready(self.config.rollout.engine_start_timeout_s, weight_version)
+        except (SidecarError, EngineError) as error:
+            raise RunError(f"waiting for the engine failed: {self._describe(error)}") from None
+
+    # --- the lifecycle around training ------------------------------------------------------------
+
+    def release(self) -> None:
+        """After rollout: hand the devices to the trainer."""
+        self._do("releasing the engine", lambda: self.control.stop_engine() if self.lifecycle == "restart"
+                 else self.control.release_memory(None))
+
+    def prepare_for_weights(self) -> None:
+        """Before a weight push: the engine's weight memory must exist (KV stays released)."""
+        if self.lifecycle == "release" and "weights" in self.control.status().released_tags:
+            self._do("resuming the engine's weights", lambda: self.control.resume_memory(["weights"]))
+
+    def load(self, weights: WrittenWeights) -> None:
+        """Load a written weight version and check the engine serves it (a stopped engine loads it at start)."""
+        started = time.monotonic()
+        self._do(f"weight sync of version {weights.weight_version}",
+                 lambda: self.control.load_weights(str(weights.path), weights.weight_version))
+        weights.load_seconds = time.monotonic() - started
+
+    def resume(self, weight_version: str) -> None:
+        """After the weight push: the rest of the engine's memory back, or the engine started again."""
+        status = self.control.status()
+        if status.state == "stopped":
+            self._do("starting the engine", self.control.start_engine)
+        elif status.released_tags:
+            self._do("resuming the engine's memory", lambda: self.control.resume_memory(None))
+        self.wait_ready(weight_version)
+
+    def recover(self, weight_version: str) -> None:
+        """After a request found the engine gone: wait until it is back (the sidecar restarts it and
+        re-loads `weight_version`; a remote sidecar that is itself gone may be restarted with its pod's
+        rollout container meanwhile), or fail the run with what is known (rollout.engine_start_timeout_s)."""
+        self.wait_ready(weight_version)
+
+    def close(self) -> None:
+        for owned in self._owned:
+            owned.close()
+
+    def _do(self, what: str, operation) -> None:
+        try:
+            operation()
+        except (SidecarError, EngineError) as error:
+            raise RunError(f"{what} failed: {self._describe(error)}") from None
+
+    def _describe(self, error: Exception) -> str:
+        """The error, and whether the sidecar's leased record says it is alive."""
+        message = str(error)
+        if isinstance(error, SidecarUnavailable) and self.store is not None:
+            key = sidecar_record_key(self.config.control.run_name, self.config.hybrid.pod_name)
+            try:
+                alive = self.store.get(key) is not None
+            except Exception as store_error:  # the store's own trouble is reported, not raised over this one
+                return f"{message}; its record {key} could not be read ({store_error})"
+            message += (f"; its record {key} is still there (the sidecar may be restarting)" if alive else
+                        f"; its record {key} is gone: the sidecar's lease expired, so it is dead — restart the "
+                        "pod's rollout container (megatron-rl sidecar)")
+        return message
