@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # Each `make run` writes a new run directory (a run never overwrites another's records).
 RUN_DIR ?= runs/smollm2-arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install system-deps run run-tiny test
+.PHONY: install system-deps run run-tiny run-pod test
 
 install: $(STAMP) system-deps
 
@@ -36,6 +36,10 @@ run: install
 # Seconds per iteration: a tiny random model learns the synthetic echo task from scratch.
 run-tiny: install
 	$(VENV)/bin/megatron-rl train --config megatron_rl/examples/tiny.yaml --run-dir runs/tiny-$(shell date +%Y%m%d-%H%M%S)
+
+# One pod's layout on this machine: etcd, the sidecar (owning the engine) and the trainer as separate processes.
+run-pod: install
+	$(VENV)/bin/megatron-rl local-pod --config megatron_rl/examples/local-pod.yaml --run-dir runs/pod-$(shell date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PYTHON) -m pytest

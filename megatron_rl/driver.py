@@ -87,8 +87,9 @@ class Driver:
         self.engine_control = EngineControl.from_config(config, run_dir, self.store)
         self.engine_control.wait_ready()
         self.engine = EngineClient(self.engine_control.engine_url, timeout=config.rollout.request_timeout_s)
+        engine_log = f" (log: {self.engine_control.engine_log})" if self.engine_control.engine_log else ""
         self.console.print(f"driver: {len(self.train_prompts)} training prompts, {len(self.eval_prompts)} held-out, "
-                           f"engine at {self.engine.base_url} (log: {run_dir / 'engine.log'}), run directory {run_dir}")
+                           f"engine at {self.engine.base_url}{engine_log}, run directory {run_dir}")
 
     # --- phases and the engine's lifecycle ------------------------------------------------------------
 

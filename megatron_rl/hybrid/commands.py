@@ -1,4 +1,5 @@
-"""`megatron-rl sidecar`: the pod's sidecar (rollout container), owning the inference engine."""
+"""`megatron-rl sidecar` (the pod's rollout container, owning the inference engine) and `megatron-rl
+local-pod` (one pod's processes on one machine)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,15 @@ def register(subparsers) -> None:
                         "its control API (hybrid.sidecar_host/port) and publish its status (control.*)")
     add_sidecar_arguments(sidecar)
     sidecar.set_defaults(handler=run_sidecar)
+
+    pod = subparsers.add_parser(
+        "local-pod", help="run one pod's layout on this machine: etcd, the sidecar (and its engine) and the trainer, "
+                          "each its own process")
+    pod.add_argument("--config", help="YAML run config")
+    pod.add_argument("--run-dir", required=True, help="new directory for the run's records and every process's log")
+    pod.add_argument("--iterations", type=int, help="RL iterations (overrides train.iterations)")
+    pod.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides for every process")
+    pod.set_defaults(handler=run_local_pod)
 
 
 def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,3 +43,17 @@ def run_sidecar(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(config, log_dir=args.log_dir, engine_port=args.engine_port)
+
+
+def run_local_pod(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megatron_rl.errors import UserError
+    from megatron_rl.hybrid.local_pod import run_local_pod as run
+
+    overrides = list(args.overrides)
+    if args.iterations is not None:
+        if args.iterations < 1:
+            raise UserError(f"--iterations must be ≥ 1 (got {args.iterations})")
+        overrides.append(f"train.iterations={args.iterations}")
+    return run(args.config, Path(args.run_dir), overrides)

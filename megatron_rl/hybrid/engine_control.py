@@ -83,11 +83,13 @@ class ExternalEngine:
 class EngineControl:
     """What the driver does to the engine, phase by phase."""
 
-    def __init__(self, control, config: Config, store: MetadataStore | None = None, owned: list | None = None):
+    def __init__(self, control, config: Config, store: MetadataStore | None = None, owned: list | None = None,
+                 engine_log: Path | None = None):
         self.control = control  # a Sidecar, a SidecarClient or an ExternalEngine
         self.config = config
         self.store = store
         self._owned = owned or []  # what close() stops: an in-process sidecar and its registration
+        self.engine_log = engine_log  # where the engine logs, when this process started it
         self.lifecycle = config.hybrid.engine_lifecycle
 
     @classmethod
@@ -114,7 +116,7 @@ class EngineControl:
         sidecar = sidecar_from_config(config, run_dir).start()
         registration = SidecarRegistration(sidecar, lambda: store, run_name=config.control.run_name,
                                            lease_ttl_s=hybrid.sidecar_lease_ttl_s, close_store=False).start()
-        return cls(sidecar, config, store, owned=[registration, sidecar])
+        return cls(sidecar, config, store, owned=[registration, sidecar], engine_log=Path(run_dir) / "engine.log")
 
     @property
     def engine_url(self) -> str:
