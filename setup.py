@@ -43,8 +43,9 @@ setup(
         # SGLang is the production engine and runs on GPU only.
         "rollout": ["sglang==0.5.23"],
         # Job suspend/resume. (Not the old `etcd3` package: it installs the same module as python3-etcd3.)
-        "deploy": ["kubernetes"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "deploy": ["kubernetes==37.0.2"],
+        # kmock: an in-memory Kubernetes API emulator for the Job-control tests (with pytest-asyncio).
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-asyncio>=1.0", "kmock==0.8", "kubernetes==37.0.2"],
         # PNG plots of the benchmarks.
         "bench": ["matplotlib>=3.8"],
     },

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "megatron_rl.rollout.commands",
     "megatron_rl.reward.sandbox.commands",
     "megatron_rl.hybrid.commands",
+    "megatron_rl.control.commands",
 )
 
 

@@ -42,6 +42,8 @@ class RolloutConfig(Section):
     engine_max_running_requests: int = Field(64, ge=1, description="batch bound of the embedded engine this run starts")
     engine_start_timeout_s: float = Field(300.0, gt=0.0)
     seed: int | None = Field(1234, description="per-request sampling seeds derive from it; unset: unseeded sampling")
+    deterministic_inference: bool = Field(
+        False, description="the engine's --enable-deterministic-inference: results independent of the batch (slower)")
     request_timeout_s: float = Field(600.0, gt=0.0, description="bound on one generation request")
     samples_per_prompt: int = Field(8, ge=1)
     max_new_tokens: int = Field(512, ge=1)
@@ -78,6 +80,9 @@ class TrainConfig(Section):
     seed: int = 1234
     offload: bool | None = Field(
         None, description="free the trainer's device memory between training phases; unset: on with CUDA, off on CPU")
+    save_interval: int = Field(0, ge=0, description="checkpoint every N iterations; 0: only on pause, stop and the end")
+    save_final: bool = Field(True, description="checkpoint after the last iteration")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept in RUN_DIR/checkpoints")
 
 
 class SyntheticDataConfig(Section):
@@ -135,6 +140,8 @@ class ControlConfig(Section):
     store: Literal["memory", "etcd"] = "memory"
     etcd_endpoints: list[str] = Field(default_factory=list)
     run_name: str = "megatron-rl"
+    driver_lease_ttl_s: int = Field(
+        10, ge=1, description="a dead driver's run can be taken over (by a restarted trainer) this long after it died")
 
 
 class LoggingConfig(Section):

@@ -6,15 +6,18 @@ records happens here, and what the trainer needs from it (the TrainBatch) reache
 """
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import multiprocessing
+import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -24,20 +27,36 @@ from megatron_rl.data.formatting import EncodedPrompt, encode_prompts, load_toke
 from megatron_rl.data.prompts import PromptRecord, load_prompts
 from megatron_rl.data.sampler import PromptSampler
 from megatron_rl.data.synthetic import synthetic_prompt_sets
+from megatron_rl.control.operations import EngineSummary, IterationSummary, RunControl, RunOperation, RunStatus
 from megatron_rl.control.store import store_from_config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hybrid.engine_control import EngineControl
-from megatron_rl.hybrid.phases import PhaseOrchestrator
+from megatron_rl.hybrid.phases import FINAL_PHASES, PhaseOrchestrator
 from megatron_rl.hybrid.weight_sync import WrittenWeights
-from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line
+from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line, set_aside_after
 from megatron_rl.reward.batch import RewardRequest, RewardResult, score_batch
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.generation import RolloutFailed, RolloutResult, Sample, StaleWeightsError, generate_samples
 from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.train.checkpoint import RunCheckpoints
 from megatron_rl.train.offload import OffloadResult
 from megatron_rl.train.trainer import TrainBatch
 
 logger = logging.getLogger(__name__)
+
+DRIVER_STATE_FILE = "driver.json"
+RECENT_ITERATIONS = 10
+
+
+class DriverState(BaseModel):
+    """The driver's part of a run checkpoint (run/driver.json in it)."""
+
+    iteration: int
+    sampler: dict
+    evaluations: list[dict]
+    recent: list[IterationSummary]
+    python_rng: list
+    torch_rng: str  # base64 of torch.get_rng_state()
 
 
 def load_prompt_sets(config: Config) -> tuple[list[PromptRecord], list[PromptRecord], str]:
@@ -82,11 +101,18 @@ class Driver:
         self._last_rollout_stats: dict = {}
         self._evaluations: list[dict] = []
         self.store = store_from_config(config.control)
-        self.phases = PhaseOrchestrator(self.store, config.control.run_name)
+        # Operators reach an etcd run through etcd, an embedded one through its directory.
+        self.run_control = RunControl(run_dir, config.control.run_name,
+                                      self.store if config.control.store == "etcd" else None)
+        self._recent: list[IterationSummary] = []
+        self._last_checkpoint: str | None = None
+        self.phases = PhaseOrchestrator(self.store, config.control.run_name,
+                                        driver_lease_ttl_s=config.control.driver_lease_ttl_s)
         self.phases.start()
         self.engine_control = EngineControl.from_config(config, run_dir, self.store)
         self.engine_control.wait_ready()
         self.engine = EngineClient(self.engine_control.engine_url, timeout=config.rollout.request_timeout_s)
+        self.publish_status("running", 0, None)
         engine_log = f" (log: {self.engine_control.engine_log})" if self.engine_control.engine_log else ""
         self.console.print(f"driver: {len(self.train_prompts)} training prompts, {len(self.eval_prompts)} held-out, "
                            f"engine at {self.engine.base_url}{engine_log}, run directory {run_dir}")
@@ -108,11 +134,16 @@ class Driver:
         self.engine_control.resume(weights.weight_version)
 
     def close(self) -> None:
+        current = self.phases.current
         try:
-            if self.phases.current is not None and self.phases.current.phase != "done":
-                self.phases.enter("failed", self.phases.current.iteration, self.phases.current.weight_version)
+            if current is not None and current.phase not in FINAL_PHASES:
+                self.phases.enter("failed", current.iteration, current.weight_version)
+                self.publish_status("failed", current.iteration, current.weight_version,
+                                    message="the run stopped on an error; its log says why. Continue it from its last "
+                                            f"checkpoint with: megatron-rl runs resume {self.run_dir}")
         except Exception as error:  # closing must go on: the engine is stopped next
             logger.warning("could not mark the run failed in the metadata store: %s", error)
+        self.phases.close()
         self.engine_control.close()
         if self.reward_pool is not None:
             self.reward_pool.shutdown(cancel_futures=True)
@@ -235,7 +266,10 @@ class Driver:
                            f"{result['prompts']} held-out prompts (greedy), mean length {result['response_len_mean']:.1f} tokens")
         return result
 
-    def print_summary(self, iterations: int) -> None:
+    def finish_run(self, iterations: int) -> None:
+        """The run did all its iterations: record it, and print the summary."""
+        self.phases.enter("done", iterations, str(iterations))
+        self.publish_status("done", iterations, str(iterations), message="all iterations done")
         minutes, seconds = divmod(int(time.monotonic() - self._started), 60)
         line = f"run complete: {iterations} iterations in {minutes}m{seconds:02d}s"
         if len(self._evaluations) >= 2:
@@ -265,3 +299,60 @@ class Driver:
                   "engine_restarts": self.engine_control.status().restarts, **offload}
         self.metrics.write(record)
         self.table.row(record)
+        self._recent = (self._recent + [IterationSummary(
+            iteration=iteration, reward_mean=record.get("reward_mean"), accuracy=record.get("accuracy"),
+            rollout_tokens_per_s=record.get("rollout_tokens_per_s"))])[-RECENT_ITERATIONS:]
+        self.publish_status("running", iteration, weights.weight_version)
+
+    # --- the run's state: status, operator requests, checkpoints ----------------------------------------
+
+    def publish_status(self, state: str, iteration: int, weight_version: str | None, operation=None,
+                       message: str | None = None) -> None:
+        engine = self.engine_control.status()
+        self.run_control.publish(RunStatus(
+            run_name=self.config.control.run_name, run_dir=str(self.run_dir), state=state, driver=self.phases.driver,
+            iteration=iteration, weight_version=weight_version, last_checkpoint=self._last_checkpoint,
+            recent=self._recent, operation=operation, message=message,
+            engine=EngineSummary(state=engine.state, engine_url=engine.engine_url,
+                                 weight_version=engine.weight_version, restarts=engine.restarts)))
+
+    def pending_operation(self) -> RunOperation | None:
+        return self.run_control.pending_operation()
+
+    def checkpoint_files(self, iteration: int) -> dict[str, bytes]:
+        """The driver's part of a run checkpoint: enough to continue exactly after `iteration`."""
+        state = DriverState(iteration=iteration, sampler=self.sampler.state_dict(), evaluations=self._evaluations,
+                            recent=self._recent, python_rng=random.getstate(),
+                            torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
+        return {DRIVER_STATE_FILE: state.model_dump_json().encode()}
+
+    def checkpoint_saved(self, checkpoints: RunCheckpoints, iteration: int) -> None:
+        checkpoints.mark_latest(iteration)
+        self._last_checkpoint = str(checkpoints.path(iteration))
+        self.console.print(f"driver: checkpoint of iteration {iteration} saved in {self._last_checkpoint}")
+
+    def restore(self, raw: bytes, checkpoint: Path) -> int:
+        """Continue a run from its checkpoint; returns the iteration it ended. Records of later iterations
+        (a crashed run's) are set aside, not deleted."""
+        state = DriverState.model_validate_json(raw)
+        self.sampler.load_state_dict(state.sampler)
+        self._evaluations = state.evaluations
+        self._recent = state.recent
+        random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in state.python_rng))
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state.torch_rng)), dtype=torch.uint8))
+        self._last_checkpoint = str(checkpoint)
+        for path in set_aside_after(self.run_dir, state.iteration):
+            self.console.print(f"driver: records of iterations after {state.iteration} set aside in {path}")
+        self.console.print(f"driver: resuming after iteration {state.iteration} from {checkpoint}")
+        return state.iteration
+
+    def conclude(self, operation: RunOperation, iteration: int) -> None:
+        """Carry out a pause or stop at the end of `iteration` (its checkpoint is saved already)."""
+        state, phase = ("paused", "paused") if operation.op == "pause" else ("stopped", "done")
+        self.phases.enter(phase, iteration, str(iteration))
+        self.run_control.clear_operation()
+        how = (f"resume with: megatron-rl runs resume {self.run_dir}" if operation.op == "pause"
+               else "stopped for good; its last checkpoint stays")
+        self.publish_status(state, iteration, str(iteration), operation, message=how)
+        self.console.print(f"run {state} after iteration {iteration} (checkpoint {self._last_checkpoint}); {how}",
+                           style="bold")

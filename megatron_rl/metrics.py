@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,43 @@ class ConsoleTable:
             ok = isinstance(value, (int, float)) and (isinstance(value, int) or math.isfinite(value))
             cells.append(fmt.format(value) if ok else "-".rjust(width))
         self.console.print(" ".join(cells), highlight=False)
+
+
+# The run's per-iteration records and the field that names each record's iteration.
+ITERATION_LOGS = {"metrics.jsonl": "iteration", "eval.jsonl": "after_iterations"}
+
+
+def set_aside_after(run_dir: Path, iteration: int) -> list[Path]:
+    """Before resuming from the checkpoint of `iteration`: move what a crashed run logged about later
+    iterations out of the logs (into `*.after-<iteration>-<time>` files and folders, nothing deleted), so
+    the resumed run's records follow the checkpoint without gaps or repeats. Returns what was set aside."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name, field in ITERATION_LOGS.items():
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        kept, later = [], []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the crash
+                later.append(line)
+                continue
+            (later if record.get(field, 0) > iteration else kept).append(line)
+        if later:
+            aside = run_dir / f"{name}.after-{iteration}-{stamp}"
+            aside.write_text("\n".join(later) + "\n")
+            staging = path.with_suffix(".tmp")
+            staging.write_text("".join(line + "\n" for line in kept))
+            os.replace(staging, path)
+            moved.append(aside)
+    later_rollouts = [p for p in sorted((run_dir / "rollouts").glob("iteration-*.jsonl"))
+                      if int(p.stem.split("-")[1]) > iteration]
+    if later_rollouts:
+        aside = run_dir / "rollouts" / f"after-{iteration}-{stamp}"
+        aside.mkdir()
+        for path in later_rollouts:
+            path.rename(aside / path.name)
+        moved.append(aside)
+    return moved

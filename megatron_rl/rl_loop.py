@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,9 @@ from megatron_rl.config import Config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hf_checkpoint import SafetensorsReader, read_hf_config, resolve_hf_dir
 from megatron_rl.hybrid.weight_sync import DiskWeightSync, WrittenWeights
+from megatron_rl.metrics import set_aside_after
 from megatron_rl.train import parallel
+from megatron_rl.train.checkpoint import RunCheckpoints, read_run_file
 from megatron_rl.train.model import architecture_from_hf_config, check_parallel_layout
 from megatron_rl.train.offload import TrainerOffload
 from megatron_rl.train.trainer import PolicyTrainer
@@ -32,17 +34,22 @@ from megatron_rl.train.trainer import PolicyTrainer
 DRIVER_WAIT = timedelta(hours=24)
 
 
-def run_rl(config: Config, run_dir: Path) -> None:
-    """Check what can be checked here, then run the loop on TP×PP ranks."""
+def run_rl(config: Config, run_dir: Path, resume: Literal["no", "yes", "auto"] = "no") -> None:
+    """Check what can be checked here, then run the loop on TP×PP ranks. `resume`: continue from the
+    run's latest complete checkpoint (yes: it must have one; auto: if it has one, else start afresh)."""
     model_dir = resolve_hf_dir(config.model.hf_path or _missing_model())
     architecture = architecture_from_hf_config(read_hf_config(model_dir))
     check_parallel_layout(architecture, config.parallel.tp, config.parallel.pp)
-    prepare_run_dir(run_dir, config)
-    parallel.launch(_run_on_rank, config.parallel.tp * config.parallel.pp, config, run_dir, model_dir)
+    checkpoint = RunCheckpoints(run_dir).latest() if resume != "no" else None
+    if resume == "yes" and checkpoint is None:
+        raise UserError(f"{run_dir} has no complete checkpoint to resume from (checkpoints/latest); start a new run "
+                        "without --resume")
+    prepare_run_dir(run_dir, config, resuming=checkpoint is not None, restart=resume == "auto")
+    parallel.launch(_run_on_rank, config.parallel.tp * config.parallel.pp, config, run_dir, model_dir, checkpoint)
 
 
-def _run_on_rank(config: Config, run_dir: Path, model_dir: Path) -> None:
-    from megatron_rl.driver import Driver
+def _run_on_rank(config: Config, run_dir: Path, model_dir: Path, checkpoint: Path | None) -> None:
+    from megatron_rl.driver import DRIVER_STATE_FILE, Driver
 
     with parallel.model_parallel(config.parallel.tp, config.parallel.pp, seed=config.train.seed):
         architecture = architecture_from_hf_config(read_hf_config(model_dir))
@@ -51,6 +58,7 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path) -> None:
         offload = TrainerOffload(trainer) if _offload_enabled(config) else None
         group = dist.new_group(backend="gloo", timeout=DRIVER_WAIT)
         context_length = min(config.model.max_sequence_length, architecture.max_position_embeddings)
+        checkpoints = RunCheckpoints(run_dir, keep=config.train.keep_checkpoints)
         driver_context = _driver_or_error(group, lambda: Driver(config, run_dir, model_dir, context_length))
         with driver_context as driver, DiskWeightSync(config.hybrid.shm_dir, run_dir,
                                                       config.hybrid.bucket_size_mb * 2**20) as weight_sync:
@@ -72,11 +80,22 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path) -> None:
                 phase("eval", iteration, str(iteration))
                 on_driver(lambda d: d.evaluate(iteration, str(iteration)))
 
-            iterations = config.train.iterations
-            startup_weights = sync(0)
+            def save(iteration: int) -> None:
+                """A run checkpoint: trainer (any-layout dist checkpoint) + the driver's state, then `latest`."""
+                phase("checkpoint", iteration, str(iteration))
+                files = on_driver(lambda d: d.checkpoint_files(iteration))
+                trainer.save(checkpoints.path(iteration), iteration, run_files=files)
+                on_driver(lambda d: d.checkpoint_saved(checkpoints, iteration))
+
+            iterations, start = config.train.iterations, 1
+            if checkpoint is not None:
+                trainer.load(checkpoint)  # model, optimizer and LR schedule, resharded to this layout
+                start = on_driver(lambda d: d.restore(read_run_file(checkpoint, DRIVER_STATE_FILE), checkpoint)) + 1
+            startup_weights = sync(start - 1)
             on_driver(lambda d: d.report_startup(startup_weights))
-            evaluate(0)
-            for iteration in range(1, iterations + 1):
+            if start == 1:
+                evaluate(0)
+            for iteration in range(start, iterations + 1):
                 served = str(iteration - 1)  # the weight version the engine serves in this rollout
                 phase("rollout", iteration, served)
                 batch = on_driver(lambda d: d.collect_batch(iteration, weight_version=served))
@@ -86,14 +105,24 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path) -> None:
                 onloaded = offload.onload() if offload else None
                 phase("train", iteration, served)
                 train_metrics = trainer.train_iteration(batch)
+                operation = on_driver(lambda d: d.pending_operation())  # pause or stop, by an operator
+                if operation or _save_due(config, iteration):
+                    save(iteration)  # here, before the devices go back to the engine: the state is all on them
                 phase("offload", iteration, served)
                 offloaded = offload.offload() if offload else None
                 weights = sync(iteration)
                 on_driver(lambda d: d.finish_iteration(iteration, train_metrics, weights, offloaded, onloaded))
                 if (config.eval.interval and iteration % config.eval.interval == 0) or iteration == iterations:
                     evaluate(iteration)
-            phase("done", iterations, str(iterations))
-            on_driver(lambda d: d.print_summary(iterations))
+                if operation:
+                    on_driver(lambda d: d.conclude(operation, iteration))
+                    return
+            on_driver(lambda d: d.finish_run(iterations))
+
+
+def _save_due(config: Config, iteration: int) -> bool:
+    interval = config.train.save_interval
+    return bool(interval and iteration % interval == 0) or (config.train.save_final and iteration == config.train.iterations)
 
 
 def _offload_enabled(config: Config) -> bool:
@@ -143,10 +172,16 @@ def _closing(driver):
         driver.close()
 
 
-def prepare_run_dir(run_dir: Path, config: Config) -> None:
-    """Create the run directory and record the resolved config; never overwrite another run's records."""
-    if (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --run-dir (nothing was overwritten)")
+def prepare_run_dir(run_dir: Path, config: Config, resuming: bool = False, restart: bool = False) -> None:
+    """Create the run directory and record the resolved config; never overwrite another run's records.
+
+    Resuming, the logs go on. A restart with nothing to resume from (`--auto-resume` before the first
+    checkpoint) sets the earlier attempt's logs aside and starts afresh."""
+    if not resuming and (run_dir / "metrics.jsonl").exists():
+        if not restart:
+            raise UserError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --run-dir, or continue it "
+                            "with --resume (nothing was overwritten)")
+        set_aside_after(run_dir, 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
 

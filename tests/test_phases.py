@@ -89,11 +89,11 @@ def test_a_transition_outside_the_cycle_is_refused(store, run_name):
 
 
 def test_a_second_driver_cannot_take_a_running_run(store, run_name):
-    first = PhaseOrchestrator(store, run_name)
+    first = PhaseOrchestrator(store, run_name, driver_lease_ttl_s=1)
     first.start()
     first.enter("sync", 0, "0")
-    with pytest.raises(RunError, match=r"already driven by .*\(phase sync of iteration 0\)"):
-        PhaseOrchestrator(store, run_name).start()
+    with pytest.raises(RunError, match=r"driven by .*\(phase sync of iteration 0\), which is alive"):
+        PhaseOrchestrator(store, run_name, driver_lease_ttl_s=1).start()
     # Someone else overwrites the phase: the first driver notices at its next transition.
     store.put(run_prefix(run_name) + "phase", record(store, run_name).model_copy(update={"phase": "train"}).model_dump_json())
     with pytest.raises(RunError, match="changed under this driver .*found train"):
@@ -103,6 +103,19 @@ def test_a_second_driver_cannot_take_a_running_run(store, run_name):
     PhaseOrchestrator(store, run_name).start()
     assert record(store, run_name).phase == "starting"
 
+
+def test_a_run_whose_driver_died_is_taken_over_once_its_lease_expires(store, run_name):
+    crashed = PhaseOrchestrator(store, run_name, driver_lease_ttl_s=1)
+    crashed.start()
+    crashed.enter("sync", 0, "0")
+    crashed._keep_alive.stop()  # the process dies: nobody refreshes its lease any more
+    successor = PhaseOrchestrator(store, run_name, driver_lease_ttl_s=1)
+    successor.driver = "restarted:1"
+    successor.start()  # waits for the dead driver's record to expire
+    assert record(store, run_name).driver == "restarted:1"
+    assert store.get(run_prefix(run_name) + "driver") == b"restarted:1"
+    successor.close()
+    assert store.get(run_prefix(run_name) + "driver") is None
 
 def test_etcd_down_is_a_clear_error_and_the_last_phase_survives(etcd_server, run_name):  # noqa: F811
     store = EtcdStore([etcd_server.endpoint], timeout=2.0)

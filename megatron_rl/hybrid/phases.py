@@ -2,7 +2,8 @@
 
 Trainer and engine share the devices, so a run is always in exactly one phase:
 
-    starting → sync → [eval →] rollout → release → onload → train → offload → sync → … → done
+    starting → sync → [eval →] rollout → release → onload → train → [checkpoint →] offload → sync → …
+    … → done (or paused, failed)
 
 - sync: the engine's weights are resumed, the new weight version is pushed and checked, then its KV
   cache is resumed (this order is the one that does not run out of memory);
@@ -10,15 +11,21 @@ Trainer and engine share the devices, so a run is always in exactly one phase:
 - rollout: the engine generates with the weight version of the phase record;
 - release: the engine releases its memory (or is stopped, `hybrid.engine_lifecycle=restart`);
 - onload / offload: the trainer's state moves to / from the devices (train/offload.py);
-- train: the optimizer steps of the iteration.
+- train: the optimizer steps of the iteration;
+- checkpoint: (when due, or asked for by an operator) the run's state saved, while it is all on the devices.
 
 Every transition is a compare-and-swap of `<run prefix>phase` against the record this orchestrator
 wrote last, so a second driver of the same run (or a stale one) cannot advance it; each transition
 also writes `<run prefix>transitions/<iteration>/<n>-<phase>` with the seconds spent in the phase it
 ends. Operators and `megatron-rl runs status` read these records.
+
+The live driver also holds `<run prefix>driver` under a lease it keeps alive: a run whose phase is not
+final can be taken over only once that record has expired — when its driver is dead (a crashed trainer
+restarted by Kubernetes, `--auto-resume`) — never while it lives.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -26,21 +33,27 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from megatron_rl.control.store import MetadataStore, StoreUnavailable, run_prefix
+from megatron_rl.control.store import MetadataStore, StoreError, StoreUnavailable, run_prefix
 from megatron_rl.errors import RunError
 
-Phase = Literal["starting", "sync", "eval", "rollout", "release", "onload", "train", "offload", "done", "failed"]
+Phase = Literal["starting", "sync", "eval", "rollout", "release", "onload", "train", "checkpoint", "offload", "paused",
+                "done", "failed"]
+FINAL_PHASES = ("paused", "done", "failed")  # a run in one of them has no driver
+
+logger = logging.getLogger(__name__)
 
 # The phases each phase may be followed by ("failed" may follow any).
 NEXT_PHASES: dict[str, tuple[str, ...]] = {
     "starting": ("sync",),
-    "sync": ("eval", "rollout", "done"),
-    "eval": ("rollout", "done"),
+    "sync": ("eval", "rollout", "paused", "done"),
+    "eval": ("rollout", "paused", "done"),
     "rollout": ("release",),
     "release": ("onload",),
     "onload": ("train",),
-    "train": ("offload",),
+    "train": ("checkpoint", "offload"),
+    "checkpoint": ("offload",),
     "offload": ("sync",),
+    "paused": (),
     "done": (),
     "failed": (),
 }
@@ -70,8 +83,11 @@ class PhaseTransition(BaseModel):
 class PhaseOrchestrator:
     """Advances and publishes the run's phase; collects each iteration's seconds per phase."""
 
-    def __init__(self, store: MetadataStore, run_name: str, unavailable_retry_s: float = 10.0):
+    def __init__(self, store: MetadataStore, run_name: str, unavailable_retry_s: float = 10.0,
+                 driver_lease_ttl_s: int = 10):
         self.store = store
+        self.driver_lease_ttl_s = driver_lease_ttl_s
+        self._keep_alive = None
         self.unavailable_retry_s = unavailable_retry_s  # ride out a short store outage (an etcd leader election)
         self.prefix = run_prefix(run_name)
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
@@ -86,15 +102,38 @@ class PhaseOrchestrator:
         return self.prefix + "phase"
 
     def start(self) -> None:
-        """Claim the run: its phase record must be absent or of a run that ended (done or failed)."""
+        """Claim the run: it must be new, have ended (paused, done, failed), or have lost its driver (whose
+        leased record is waited for to expire, up to its TTL). Then hold the driver record ourselves."""
         existing = self.store.get(self.key)
         if existing is not None:
             record = PhaseRecord.model_validate_json(existing)
-            if record.phase not in ("done", "failed"):
-                raise RunError(f"run {self.prefix} is already driven by {record.driver} (phase {record.phase} of "
-                               f"iteration {record.iteration}); stop it first, or give this run another control.run_name")
+            if record.phase not in FINAL_PHASES and not self._wait_for_driver_to_expire():
+                raise RunError(f"run {self.prefix} is driven by {record.driver} (phase {record.phase} of iteration "
+                               f"{record.iteration}), which is alive; stop it first, or give this run another "
+                               "control.run_name")
+        lease = self.store.lease(self.driver_lease_ttl_s)
+        self.store.put(self.prefix + "driver", self.driver, lease=lease)
+        self._keep_alive = lease.keep_alive()
         self._publish(PhaseRecord(phase="starting", iteration=0, weight_version=None, entered_at=time.time(),
                                   driver=self.driver), expected=existing)
+
+    def _wait_for_driver_to_expire(self) -> bool:
+        deadline = time.monotonic() + self.driver_lease_ttl_s + 2
+        while self.store.get(self.prefix + "driver") is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def close(self) -> None:
+        """Let go of the run (the driver record goes with the lease)."""
+        if self._keep_alive is not None:
+            self._keep_alive.stop()
+            try:
+                self._keep_alive.lease.revoke()
+            except StoreError as error:  # the record then expires with the lease
+                logger.warning("could not revoke the driver's lease: %s", error)
+            self._keep_alive = None
 
     def enter(self, phase: Phase, iteration: int, weight_version: str | None) -> None:
         """Move to `phase`; raises RunError for a transition the cycle does not allow."""

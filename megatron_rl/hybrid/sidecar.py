@@ -524,14 +524,16 @@ def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | Non
     model_dir = resolve_hf_dir(config.model.hf_path)
     rollout = config.rollout
     log_path = Path(log_dir) / "engine.log"
+    # SGLang's flag for batch-invariant kernels; the embedded engine takes the same one.
+    deterministic = ("--enable-deterministic-inference",) if rollout.deterministic_inference else ()
     if rollout.engine == "sglang":
         check_sglang_args(rollout.sglang_args)
 
         def make_engine(port: int) -> EngineProcess:
-            return SGLangEngineProcess(model_dir, log_path, port=port, sglang_args=rollout.sglang_args)
+            return SGLangEngineProcess(model_dir, log_path, port=port, sglang_args=[*rollout.sglang_args, *deterministic])
     else:
         def make_engine(port: int) -> EngineProcess:
-            return EmbeddedEngineProcess(model_dir, log_path, port=port,
+            return EmbeddedEngineProcess(model_dir, log_path, port=port, extra_args=deterministic,
                                          max_running_requests=rollout.engine_max_running_requests)
 
     hybrid = config.hybrid

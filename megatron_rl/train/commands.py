@@ -1,4 +1,4 @@
-"""`megatron-rl train` (the RL run) and `megatron-rl convert ...` subcommands."""
+"""`megatron-rl train` (the RL run), `megatron-rl export` and `megatron-rl convert ...` subcommands."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,20 @@ def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="run RL: rollout → reward → train → weight sync, per iteration")
     train.add_argument("--config", help="YAML run config (e.g. megatron_rl/examples/tiny.yaml)")
     train.add_argument("--run-dir", required=True, help="new directory for the run's metrics, logs and rollouts")
-    train.add_argument("--iterations", type=int, help="RL iterations (overrides train.iterations)")
+    train.add_argument("--iterations", type=int, help="RL iterations in all (overrides train.iterations)")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its latest checkpoint, with the config it recorded")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="like --resume if the run has a checkpoint, else start it (for restarted pods)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. algo.tau=0.05")
     train.set_defaults(handler=_train)
+
+    export = subparsers.add_parser("export", help="write a run's latest checkpoint as a HF model directory")
+    export.add_argument("--run-dir", required=True, help="the run's directory")
+    export.add_argument("--out", required=True, help="new HF model directory")
+    export.add_argument("--bucket-mb", type=int, default=512, help="bound on one streamed bucket (MiB)")
+    export.set_defaults(handler=_export)
 
     convert = subparsers.add_parser("convert", help="convert weights between HF and megatron-core")
     actions = convert.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -43,17 +54,41 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megatron_rl.config import load_config
+    from megatron_rl.errors import UserError
     from megatron_rl.rl_loop import run_rl
 
     overrides = list(args.overrides)
     if args.iterations is not None:
         _positive(args, "iterations")
         overrides.append(f"train.iterations={args.iterations}")
-    config = load_config(args.config, overrides)
+    run_dir = Path(args.run_dir)
+    recorded = run_dir / "config.yaml"
+    if args.resume and args.config:
+        raise UserError("a resumed run keeps the config it recorded (RUN_DIR/config.yaml); drop --config and "
+                        "pass changes as key=value overrides")
+    if args.resume and not recorded.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
+    config_path = recorded if (args.resume or (args.auto_resume and recorded.is_file())) else args.config
+    config = load_config(config_path, overrides)
     logging.basicConfig(level=config.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.logging.level != "DEBUG":  # megatron logs its whole optimizer config and parameter list at INFO
         logging.getLogger("megatron").setLevel(logging.WARNING)
-    run_rl(config, Path(args.run_dir))
+    run_rl(config, run_dir, resume="yes" if args.resume else "auto" if args.auto_resume else "no")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megatron_rl.errors import UserError
+    from megatron_rl.train.checkpoint import RunCheckpoints
+    from megatron_rl.train.convert_commands import mcore_to_hf
+
+    _positive(args, "bucket_mb")
+    checkpoint = RunCheckpoints(args.run_dir).latest()
+    if checkpoint is None:
+        raise UserError(f"{args.run_dir} has no complete checkpoint (checkpoints/latest); nothing to export")
+    mcore_to_hf(checkpoint, Path(args.out), args.bucket_mb)
     return 0
 
 

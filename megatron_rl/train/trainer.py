@@ -118,8 +118,12 @@ class PolicyTrainer:
         # With bf16 the optimizer keeps fp32 main copies made at construction: refresh them.
         self.optimizer.reload_model_params()
 
-    def save(self, directory: str | Path, iteration: int, extra: dict | None = None) -> None:
-        save_checkpoint(directory, self.model, self.arch, self.hf_source, self.optimizer, iteration, extra)
+    def save(self, directory: str | Path, iteration: int, extra: dict | None = None,
+             run_files: dict[str, bytes] | None = None) -> None:
+        # The LR schedule's progress is not part of the optimizer's state: keep it in the manifest.
+        trainer_state = {"lr_scheduler": self.lr_scheduler.state_dict(), "skipped_steps": self.skipped_steps}
+        save_checkpoint(directory, self.model, self.arch, self.hf_source, self.optimizer, iteration,
+                        {**(extra or {}), "trainer": trainer_state}, run_files)
 
     def load(self, directory: str | Path, with_optimizer: bool = True) -> CheckpointManifest:
         manifest = load_checkpoint(directory, self.model, self.optimizer if with_optimizer else None)
@@ -127,6 +131,10 @@ class PolicyTrainer:
             self.optimizer.reload_model_params()
         if manifest.model_architecture != self.arch:
             raise UserError(f"checkpoint {directory} is of another model architecture than the run's")
+        trainer_state = manifest.extra.get("trainer")
+        if with_optimizer and trainer_state is not None:
+            self.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+            self.skipped_steps = trainer_state["skipped_steps"]
         return manifest
 
     def reset_optimizer_state(self) -> None:
