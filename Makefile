@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # Each `make run` writes a new run directory (a run never overwrites another's records).
 RUN_DIR ?= runs/smollm2-arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install system-deps run run-tiny run-pod test
+.PHONY: install system-deps run run-tiny run-pod test bench-rollout render-chart
 
 install: $(STAMP) system-deps
 
@@ -40,6 +40,17 @@ run-tiny: install
 # One pod's layout on this machine: etcd, the sidecar (owning the engine) and the trainer as separate processes.
 run-pod: install
 	$(VENV)/bin/megatron-rl local-pod --config megatron_rl/examples/local-pod.yaml --run-dir runs/pod-$(shell date +%Y%m%d-%H%M%S)
+
+# Synchronous vs partial rollouts on a long-tail workload against a real engine (the embedded one by default;
+# ARGS="--engine-url URL" for a running SGLang). A table on stdout; JSON and PNG in benchmarks/results/.
+bench-rollout: install
+	$(VENV)/bin/megatron-rl bench rollout $(ARGS)
+
+# The Helm chart's manifests, rendered offline by Helm's own Go code, on stdout: default values, or
+# VALUES=FILE. Set-up output goes to stderr so that stdout stays a YAML stream.
+render-chart:
+	@$(MAKE) --no-print-directory -s $(STAMP) >&2
+	@$(PYTHON) deploy/tools/render_chart.py $(if $(VALUES),--values $(VALUES))
 
 test: install
 	$(PYTHON) -m pytest

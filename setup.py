@@ -45,7 +45,9 @@ setup(
         # Job suspend/resume. (Not the old `etcd3` package: it installs the same module as python3-etcd3.)
         "deploy": ["kubernetes==37.0.2"],
         # kmock: an in-memory Kubernetes API emulator for the Job-control tests (with pytest-asyncio).
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-asyncio>=1.0", "kmock==0.8", "kubernetes==37.0.2"],
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-asyncio>=1.0", "kmock==0.8", "kubernetes==37.0.2",
+                # the Helm chart's tests: Helm's own renderer in process, offline Kubernetes schemas
+                "helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0"],
         # PNG plots of the benchmarks.
         "bench": ["matplotlib>=3.8"],
     },

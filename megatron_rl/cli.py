@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "megatron_rl.train.commands",
     "megatron_rl.data.commands",
     "megatron_rl.rollout.commands",
+    "megatron_rl.rollout.bench_commands",
     "megatron_rl.reward.sandbox.commands",
     "megatron_rl.hybrid.commands",
     "megatron_rl.control.commands",

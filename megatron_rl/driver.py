@@ -11,6 +11,7 @@ import logging
 import math
 import multiprocessing
 import random
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -25,27 +26,33 @@ from megatron_rl import algo
 from megatron_rl.config import Config
 from megatron_rl.data.formatting import EncodedPrompt, encode_prompts, load_tokenizer
 from megatron_rl.data.prompts import PromptRecord, load_prompts
-from megatron_rl.data.sampler import PromptSampler
+from megatron_rl.data.sampler import make_sampler
 from megatron_rl.data.synthetic import synthetic_prompt_sets
 from megatron_rl.control.operations import EngineSummary, IterationSummary, RunControl, RunOperation, RunStatus
 from megatron_rl.control.store import store_from_config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hybrid.engine_control import EngineControl
 from megatron_rl.hybrid.phases import FINAL_PHASES, PhaseOrchestrator
-from megatron_rl.hybrid.weight_sync import WrittenWeights
+from megatron_rl.hybrid.swap_guard import ProbeReference, SwapCheck, check_engine, probe_sequences
+from megatron_rl.hybrid.weight_sync import SyncedWeights
 from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line, set_aside_after
-from megatron_rl.reward.batch import RewardRequest, RewardResult, score_batch
+from megatron_rl.reward.batch import RewardBackends, RewardRequest, RewardResult, score_batch
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.generation import RolloutFailed, RolloutResult, Sample, StaleWeightsError, generate_samples
+from megatron_rl.rollout.master import RolloutMaster
+from megatron_rl.rollout.partial import IterationResult, PartialRollout, PartialRolloutSettings
 from megatron_rl.rollout.protocol import SamplingParams
-from megatron_rl.train.checkpoint import RunCheckpoints
+from megatron_rl.rollout.replay_buffer import ReplayBuffer, decode_state, encode_state
+from megatron_rl.train.checkpoint import RunCheckpoints, read_run_file
 from megatron_rl.train.offload import OffloadResult
 from megatron_rl.train.trainer import TrainBatch
 
 logger = logging.getLogger(__name__)
 
 DRIVER_STATE_FILE = "driver.json"
+REPLAY_BUFFER_FILE = "replay_buffer.jsonl"  # rollout/replay_buffer.py's format
 RECENT_ITERATIONS = 10
+PAUSE_NOW_POLL_S = 0.5  # how often a rollout looks for an operator's `pause --now`
 
 
 class DriverState(BaseModel):
@@ -91,14 +98,17 @@ class Driver:
         self.train_prompts = encode_prompts(train_records, self.tokenizer, template, max_prompt_tokens, source, system)
         self.eval_prompts = (encode_prompts(eval_records[: config.eval.max_prompts], self.tokenizer, template,
                                             max_prompt_tokens, source + " (eval)", system) if eval_records else [])
-        self.sampler = PromptSampler(len(self.train_prompts), config.data.seed)
+        self.sampler = make_sampler(config.data, [prompt.record for prompt in self.train_prompts])
         self.metrics = MetricsLog(run_dir, config.logging.tensorboard)
         self.table = ConsoleTable(self.console)
         self.rollouts_dir = run_dir / "rollouts"
         self.rollouts_dir.mkdir(exist_ok=True)
         self.reward_pool = (ProcessPoolExecutor(config.reward.workers, mp_context=multiprocessing.get_context("spawn"))
                             if config.reward.workers > 0 else None)
+        self.reward_backends = RewardBackends.connect(sandbox_url=config.reward.sandbox_url, judge=config.reward.judge,
+                                                      code_concurrency=config.reward.code_concurrency)
         self._last_rollout_stats: dict = {}
+        self._swap_check: SwapCheck | None = None
         self._evaluations: list[dict] = []
         self.store = store_from_config(config.control)
         # Operators reach an etcd run through etcd, an embedded one through its directory.
@@ -112,6 +122,11 @@ class Driver:
         self.engine_control = EngineControl.from_config(config, run_dir, self.store)
         self.engine_control.wait_ready()
         self.engine = EngineClient(self.engine_control.engine_url, timeout=config.rollout.request_timeout_s)
+        # A lost engine is waited for (the sidecar restarts it with the same weights); its requests go again.
+        self.master = RolloutMaster([self.engine], request_timeout=config.rollout.request_timeout_s,
+                                    recover=lambda client, version: self.engine_control.recover(version))
+        self.partial_rollout = self._partial_rollout()
+        self.replay_buffer = ReplayBuffer(run_dir / "replay_buffer")
         self.publish_status("running", 0, None)
         engine_log = f" (log: {self.engine_control.engine_log})" if self.engine_control.engine_log else ""
         self.console.print(f"driver: {len(self.train_prompts)} training prompts, {len(self.eval_prompts)} held-out, "
@@ -128,12 +143,22 @@ class Driver:
     def prepare_engine_for_weights(self) -> None:
         self.engine_control.prepare_for_weights()
 
-    def load_weights(self, weights: WrittenWeights) -> None:
-        """The engine loads the written version, reports it, and gets the rest of its memory back."""
+    def swap_probes(self) -> list[list[int]]:
+        """The swap guard's probe sequences (none when it is off)."""
+        hybrid = self.config.hybrid
+        return probe_sequences([p.input_ids for p in self.train_prompts], hybrid.swap_guard_probes) if hybrid.swap_guard else []
+
+    def load_weights(self, weights: SyncedWeights, probe_reference: ProbeReference | None) -> None:
+        """The engine loads (or records) the synced version, gets the rest of its memory back, and the swap
+        guard checks it scores the probes as the trainer does."""
         self.engine_control.load(weights)
         self.engine_control.resume(weights.weight_version)
+        if probe_reference is not None:
+            self._swap_check = check_engine(self.engine, self.swap_probes(), probe_reference, weights.weight_version,
+                                            self.config.hybrid.swap_guard_threshold)
 
     def close(self) -> None:
+        self.master.close()
         current = self.phases.current
         try:
             if current is not None and current.phase not in FINAL_PHASES:
@@ -160,75 +185,143 @@ class Driver:
             task = progress.add_task(description, total=total)
             yield lambda: progress.advance(task)
 
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _partial_rollout(self) -> PartialRollout:
+        rollout = self.config.rollout
+        sampling = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                                  top_p=rollout.top_p, top_k=rollout.top_k)
+        partial = rollout.partial
+        settings = PartialRolloutSettings(
+            samples_per_prompt=rollout.samples_per_prompt, groups_per_iteration=self.config.data.prompts_per_iteration,
+            max_new_tokens=rollout.max_new_tokens, segment_token_budget=partial.segment_token_budget,
+            iteration_token_budget=partial.iteration_token_budget,
+            max_iterations_per_trajectory=partial.max_iterations_per_trajectory,
+            old_segment_loss=partial.old_segment_loss)
+        return PartialRollout(self.master, self.train_prompts, self.sampler, sampling, settings, self._decode,
+                              seed=rollout.seed if rollout.temperature > 0 else None,
+                              repetition=self.config.reward.repetition)
+
     def _generate(self, prompts: list[EncodedPrompt], samples_per_prompt: int, sampling: SamplingParams,
                   weight_version: str, iteration: int, description: str) -> RolloutResult:
         rollout = self.config.rollout
         seed = rollout.seed if sampling.temperature > 0 else None
         with self._progress(description, len(prompts) * samples_per_prompt) as advance:
             try:
-                return generate_samples(
-                    self.engine, prompts, samples_per_prompt, sampling, weight_version,
-                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), seed=seed, iteration=iteration,
-                    timeout=rollout.request_timeout_s, repetition=self.config.reward.repetition, on_sample_done=advance,
-                    recover=lambda: self.engine_control.recover(weight_version))
+                return generate_samples(self.master, prompts, samples_per_prompt, sampling, weight_version, self._decode,
+                                        seed=seed, iteration=iteration, repetition=self.config.reward.repetition,
+                                        on_sample_done=advance)
             except (RolloutFailed, StaleWeightsError) as error:
                 raise RunError(str(error)) from None
 
     def _score(self, samples: list[Sample], tag: str) -> list[RewardResult]:
         requests = [RewardRequest(sample_id=f"{tag}-{sample.group_id}-{index}", response_text=sample.response_text,
                                   reference_answer=sample.prompt.record.answer, task_type=sample.prompt.record.type,
-                                  degenerate=sample.degenerate) for index, sample in enumerate(samples)]
+                                  question=sample.prompt.record.question_text(), degenerate=sample.degenerate)
+                    for index, sample in enumerate(samples)]
         return score_batch(requests, workers=1, degenerate_penalty=self.config.reward.repetition.penalty,
-                           executor=self.reward_pool)
+                           executor=self.reward_pool, backends=self.reward_backends)
 
-    def collect_batch(self, iteration: int, weight_version: str) -> TrainBatch:
-        """Rollout and rewards for `iteration` (1-based) with the engine at `weight_version`."""
+    @contextmanager
+    def _pause_now_watch(self):
+        """An event set as soon as an operator asks for `pause --now` (or `stop --now`) during the rollout."""
+        requested, finished = threading.Event(), threading.Event()
+
+        def watch() -> None:
+            while not finished.wait(PAUSE_NOW_POLL_S):
+                try:
+                    operation = self.run_control.pending_operation()
+                except Exception as error:  # the store's trouble shows at the iteration boundary; keep rolling out
+                    logger.warning("could not look for operator requests: %s", error)
+                    continue
+                if operation is not None and operation.now:
+                    requested.set()
+                    return
+
+        watcher = threading.Thread(target=watch, name="pause-now-watch", daemon=True)
+        watcher.start()
+        try:
+            yield requested
+        finally:
+            finished.set()
+            watcher.join()
+
+    def collect_batch(self, iteration: int, weight_version: str) -> TrainBatch | None:
+        """Rollout and rewards for `iteration` (1-based) with the engine at `weight_version`. None when an
+        operator's `pause --now` interrupted the rollout: its trajectories wait in the replay buffer."""
         config = self.config
-        prompts = [self.train_prompts[index] for index in self.sampler.next_indices(config.data.prompts_per_iteration)]
-        sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-                                  top_p=config.rollout.top_p, top_k=config.rollout.top_k)
-        rollout = self._generate(prompts, config.rollout.samples_per_prompt, sampling, weight_version, iteration,
-                                 f"rollout {iteration}")
+        expected = config.data.prompts_per_iteration * config.rollout.samples_per_prompt
+        with self._progress(f"rollout {iteration}", expected) as advance, self._pause_now_watch() as pause_now:
+            try:
+                rollout = self.partial_rollout.run_iteration(iteration, weight_version, interrupt=pause_now,
+                                                             on_trajectory_done=lambda _: advance())
+            except (RolloutFailed, StaleWeightsError) as error:
+                raise RunError(str(error)) from None
+        if rollout.interrupted:
+            self.console.print(f"driver: rollout {iteration} interrupted by pause --now; "
+                               f"{len(self.partial_rollout.groups)} prompt groups kept in the replay buffer")
+            return None
+        self.replay_buffer.save(self.partial_rollout.state(iteration))
+        samples = rollout.trajectories()
+        if not samples:
+            raise RunError(f"rollout {iteration}: every prompt group failed; the first error: "
+                           f"{rollout.errors[0] if rollout.errors else 'none recorded'}")
         reward_started = time.monotonic()
-        scores = self._score(rollout.samples, f"it{iteration}")
-        samples = rollout.samples
+        scores = self._score(samples, f"it{iteration}")
         task_rewards = torch.tensor([score.reward for score in scores], dtype=torch.float32)
         correct = torch.tensor([score.correct for score in scores])
-        lengths = torch.tensor([len(sample.response_ids) for sample in samples], dtype=torch.float32)
+        lengths = torch.tensor([sample.response_length for sample in samples], dtype=torch.float32)
         group_ids = torch.tensor([sample.group_id for sample in samples])
         penalty_weight = algo.length_penalty_weight(iteration - 1, config.algo.length_penalty_weight,
                                                     config.algo.length_penalty_warmup_iterations)
         rewards = task_rewards + penalty_weight * algo.length_reward(lengths, correct, group_ids)
+        for group in rollout.finished_groups:  # prioritized sampling follows each prompt's success rate
+            solved = sum(bool(c) for c, sample in zip(correct.tolist(), samples) if sample.group_id == group.group_id)
+            self.sampler.record_outcomes(group.prompt_index, solved, len(group.trajectories))
+        old_segment_loss = config.rollout.partial.old_segment_loss
         batch = TrainBatch(
             token_ids=[sample.token_ids for sample in samples],
-            loss_mask=[[0.0] * len(sample.prompt.input_ids) + [1.0] * len(sample.response_ids) for sample in samples],
+            loss_mask=[sample.loss_mask(weight_version, old_segment_loss) for sample in samples],
             rewards=rewards.tolist(), group_ids=group_ids.tolist(),
-            rollout_logprobs=[[math.nan] * len(sample.prompt.input_ids) + sample.response_logprobs for sample in samples],
+            rollout_logprobs=[sample.rollout_logprobs(weight_version) for sample in samples],
         )
         self._save_rollouts(iteration, samples, scores, rewards.tolist())
-        response_lengths = lengths.tolist()
         self._last_rollout_stats = {
             "weight_version": weight_version,
-            "prompts": len(prompts) - rollout.failed_groups,
+            "prompts": len(rollout.finished_groups),
             "samples": len(samples),
-            "failed_groups": rollout.failed_groups,
+            "failed_groups": len(rollout.failed_groups),
             "failed_requests": rollout.failed_requests,
             "reward_mean": task_rewards.mean().item(),
             "shaped_reward_mean": rewards.mean().item(),
             "length_penalty_weight": penalty_weight,
             "accuracy": correct.float().mean().item(),
             "response_len_mean": lengths.mean().item(),
-            "response_len_p95": percentile(response_lengths, 0.95),
+            "response_len_p95": percentile(lengths.tolist(), 0.95),
             "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "degenerate_fraction": sum(s.degenerate for s in samples) / len(samples),
-            "rollout_tokens_per_s": rollout.output_tokens / rollout.seconds if rollout.seconds > 0 else math.nan,
-            "generate_seconds": rollout.seconds,
+            **self._rollout_throughput(rollout),
             "reward_seconds": time.monotonic() - reward_started,
         }
         if rollout.failed_groups:
             logger.warning("iteration %d: %d prompt group(s) dropped after failed requests, e.g. %s", iteration,
-                           rollout.failed_groups, rollout.errors[0] if rollout.errors else "?")
+                           len(rollout.failed_groups), rollout.errors[0] if rollout.errors else "?")
         return batch
+
+    def _rollout_throughput(self, rollout: IterationResult) -> dict:
+        """Throughput and partial-rollout bookkeeping of one iteration's rollout."""
+        return {
+            "rollout_tokens_per_s": rollout.output_tokens / rollout.seconds if rollout.seconds > 0 else math.nan,
+            "rollout_output_tokens": rollout.output_tokens,
+            "engine_busy_fraction": rollout.busy_fraction,
+            "generate_seconds": rollout.seconds,
+            "continued_trajectories": rollout.continued_trajectories,
+            "carried_over_tokens": rollout.carried_over_tokens,
+            "wasted_tokens": rollout.wasted_tokens,
+            "replay_buffer_groups": len(self.partial_rollout.groups),
+            "replay_buffer_tokens": self.partial_rollout.buffered_tokens,
+        }
 
     def _save_rollouts(self, iteration: int, samples: list[Sample], scores: list[RewardResult], rewards: list[float]) -> None:
         if not self.config.logging.save_rollouts:
@@ -238,8 +331,8 @@ class Driver:
             append_json_line(path, {
                 "prompt_id": sample.prompt.record.id, "group_id": sample.group_id, "sample_index": sample.sample_index,
                 "response": sample.response_text,
-                "response_tokens": len(sample.response_ids), "finish_reason": sample.finish_reason,
-                "weight_version": sample.weight_version, "answer": score.extracted_answer,
+                "response_tokens": sample.response_length, "finish_reason": sample.finish_reason,
+                "weight_versions": sample.weight_versions, "answer": score.extracted_answer,
                 "reference_answer": sample.prompt.record.answer, "reason": score.reason, "reward": reward,
             })
 
@@ -278,12 +371,16 @@ class Driver:
                      f"(greedy, {last['prompts']} prompts)")
         self.console.print(f"{line}; records in {self.run_dir}", style="bold")
 
-    def report_startup(self, weights: WrittenWeights) -> None:
+    def report_startup(self, weights: SyncedWeights) -> None:
         seconds = self.phases.take_seconds()  # start-up, not an iteration: counted apart from iteration 1
+        guard = "" if self._swap_check is None else (
+            f"; swap guard: probe log-probs within {self._swap_check.mean_gap:.2e} of the trainer's "
+            f"({self._swap_check.seconds:.2f} s)")
         self.console.print(f"driver: the engine serves weight version {weights.weight_version} "
-                           f"({weights.bytes / 1e6:.1f} MB pushed in {seconds.get('sync', 0.0):.2f} s)")
+                           f"({weights.bytes / 1e6:.1f} MB synced by {self.config.hybrid.weight_sync} in "
+                           f"{seconds.get('sync', 0.0):.2f} s){guard}")
 
-    def finish_iteration(self, iteration: int, train_metrics: dict, weights: WrittenWeights,
+    def finish_iteration(self, iteration: int, train_metrics: dict, weights: SyncedWeights,
                          offloaded: OffloadResult | None, onloaded: OffloadResult | None) -> None:
         """One complete metrics line (and table row) for the iteration."""
         phase_seconds = self.phases.take_seconds()
@@ -296,7 +393,8 @@ class Driver:
                   "iteration_seconds": sum(phase_seconds.values()),
                   "weight_sync_bytes": weights.bytes, "weight_sync_seconds": weights.seconds,
                   "weight_sync_gb_per_s": weights.gigabytes_per_second, "new_weight_version": weights.weight_version,
-                  "engine_restarts": self.engine_control.status().restarts, **offload}
+                  "engine_restarts": self.engine_control.status().restarts, **offload,
+                  **(self._swap_check.metrics() if self._swap_check is not None else {})}
         self.metrics.write(record)
         self.table.row(record)
         self._recent = (self._recent + [IterationSummary(
@@ -324,7 +422,8 @@ class Driver:
         state = DriverState(iteration=iteration, sampler=self.sampler.state_dict(), evaluations=self._evaluations,
                             recent=self._recent, python_rng=random.getstate(),
                             torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
-        return {DRIVER_STATE_FILE: state.model_dump_json().encode()}
+        return {DRIVER_STATE_FILE: state.model_dump_json().encode(),
+                REPLAY_BUFFER_FILE: encode_state(self.partial_rollout.state(iteration))}
 
     def checkpoint_saved(self, checkpoints: RunCheckpoints, iteration: int) -> None:
         checkpoints.mark_latest(iteration)
@@ -336,6 +435,12 @@ class Driver:
         (a crashed run's) are set aside, not deleted."""
         state = DriverState.model_validate_json(raw)
         self.sampler.load_state_dict(state.sampler)
+        buffer = decode_state(read_run_file(checkpoint, REPLAY_BUFFER_FILE), f"{checkpoint}/run/{REPLAY_BUFFER_FILE}")
+        try:
+            self.partial_rollout.restore(buffer)
+        except ValueError as error:
+            raise UserError(f"checkpoint {checkpoint}: its replay buffer does not fit this run's prompts ({error}); "
+                            "resume with the data settings the run was started with") from None
         self._evaluations = state.evaluations
         self._recent = state.recent
         random.setstate(tuple(item if not isinstance(item, list) else tuple(item) for item in state.python_rng))

@@ -5,11 +5,13 @@ the Driver (driver.py: engine, prompts, rewards, logs, the run's phase record); 
 produces reaches the other ranks through `on_driver`. Trainer and engine share the devices, so each
 iteration walks the phases of hybrid/phases.py: rollout → release (the engine's memory) → onload (the
 trainer's) → train → offload → sync (engine weights resumed, new weights pushed and checked, the rest
-resumed). Weight versions: the engine serves version i-1 while iteration i rolls out, and every
-sample is checked to come from it; training then produces version i.
+resumed; the swap guard compares the engine's log-probs of probe sequences with the trainer's).
+Weight versions: the engine serves version i-1 while iteration i rolls out, and every sample is
+checked to come from it; training then produces version i.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +24,8 @@ import yaml
 from megatron_rl.config import Config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hf_checkpoint import SafetensorsReader, read_hf_config, resolve_hf_dir
-from megatron_rl.hybrid.weight_sync import DiskWeightSync, WrittenWeights
+from megatron_rl.hybrid.swap_guard import ProbeReference, trainer_reference
+from megatron_rl.hybrid.weight_sync import SyncedWeights, open_weight_sync
 from megatron_rl.metrics import set_aside_after
 from megatron_rl.train import parallel
 from megatron_rl.train.checkpoint import RunCheckpoints, read_run_file
@@ -44,7 +47,8 @@ def run_rl(config: Config, run_dir: Path, resume: Literal["no", "yes", "auto"] =
     if resume == "yes" and checkpoint is None:
         raise UserError(f"{run_dir} has no complete checkpoint to resume from (checkpoints/latest); start a new run "
                         "without --resume")
-    prepare_run_dir(run_dir, config, resuming=checkpoint is not None, restart=resume == "auto")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one writes the run's records
+        prepare_run_dir(run_dir, config, resuming=checkpoint is not None, restart=resume == "auto")
     parallel.launch(_run_on_rank, config.parallel.tp * config.parallel.pp, config, run_dir, model_dir, checkpoint)
 
 
@@ -60,64 +64,82 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path, checkpoint: Pat
         context_length = min(config.model.max_sequence_length, architecture.max_position_embeddings)
         checkpoints = RunCheckpoints(run_dir, keep=config.train.keep_checkpoints)
         driver_context = _driver_or_error(group, lambda: Driver(config, run_dir, model_dir, context_length))
-        with driver_context as driver, DiskWeightSync(config.hybrid.shm_dir, run_dir,
-                                                      config.hybrid.bucket_size_mb * 2**20) as weight_sync:
+        with driver_context as driver:
             on_driver = _on_driver(group, driver)
+            engine_url, probes = on_driver(lambda d: (d.engine_control.engine_url, d.swap_probes()))
+            with open_weight_sync(config, run_dir, engine_url) as weight_sync:
+                _iterate(config, trainer, offload, checkpoints, checkpoint, weight_sync, on_driver, probes,
+                         DRIVER_STATE_FILE)
 
-            def phase(name: str, iteration: int, weight_version: str) -> None:
-                on_driver(lambda d: d.enter_phase(name, iteration, weight_version))
 
-            def sync(iteration: int) -> WrittenWeights:
-                """Engine weights resumed → version `iteration` pushed and checked → the rest resumed."""
-                phase("sync", iteration, str(iteration))
-                on_driver(lambda d: d.prepare_engine_for_weights())
-                # An offloaded trainer's weights are read from its pinned CPU copies.
-                weights = weight_sync.write(trainer, str(iteration), offload.named_parameters() if offload else None)
-                on_driver(lambda d: d.load_weights(weights))
-                return weights
+def _iterate(config: Config, trainer: PolicyTrainer, offload: TrainerOffload | None, checkpoints: RunCheckpoints,
+             checkpoint: Path | None, weight_sync, on_driver, probes: list[list[int]], driver_state_file: str) -> None:
+    """The iterations, on every rank; `on_driver` runs a step on rank 0's Driver."""
 
-            def evaluate(iteration: int) -> None:
-                phase("eval", iteration, str(iteration))
-                on_driver(lambda d: d.evaluate(iteration, str(iteration)))
+    def phase(name: str, iteration: int, weight_version: str) -> None:
+        on_driver(lambda d: d.enter_phase(name, iteration, weight_version))
 
-            def save(iteration: int) -> None:
-                """A run checkpoint: trainer (any-layout dist checkpoint) + the driver's state, then `latest`."""
-                phase("checkpoint", iteration, str(iteration))
-                files = on_driver(lambda d: d.checkpoint_files(iteration))
-                trainer.save(checkpoints.path(iteration), iteration, run_files=files)
-                on_driver(lambda d: d.checkpoint_saved(checkpoints, iteration))
+    def reference() -> ProbeReference | None:
+        """The swap guard's trainer side, while the trainer holds the weights about to be synced."""
+        return trainer_reference(trainer, probes) if probes else None
 
-            iterations, start = config.train.iterations, 1
-            if checkpoint is not None:
-                trainer.load(checkpoint)  # model, optimizer and LR schedule, resharded to this layout
-                start = on_driver(lambda d: d.restore(read_run_file(checkpoint, DRIVER_STATE_FILE), checkpoint)) + 1
-            startup_weights = sync(start - 1)
-            on_driver(lambda d: d.report_startup(startup_weights))
-            if start == 1:
-                evaluate(0)
-            for iteration in range(start, iterations + 1):
-                served = str(iteration - 1)  # the weight version the engine serves in this rollout
-                phase("rollout", iteration, served)
-                batch = on_driver(lambda d: d.collect_batch(iteration, weight_version=served))
-                phase("release", iteration, served)
-                on_driver(lambda d: d.release_engine())
-                phase("onload", iteration, served)
-                onloaded = offload.onload() if offload else None
-                phase("train", iteration, served)
-                train_metrics = trainer.train_iteration(batch)
-                operation = on_driver(lambda d: d.pending_operation())  # pause or stop, by an operator
-                if operation or _save_due(config, iteration):
-                    save(iteration)  # here, before the devices go back to the engine: the state is all on them
-                phase("offload", iteration, served)
-                offloaded = offload.offload() if offload else None
-                weights = sync(iteration)
-                on_driver(lambda d: d.finish_iteration(iteration, train_metrics, weights, offloaded, onloaded))
-                if (config.eval.interval and iteration % config.eval.interval == 0) or iteration == iterations:
-                    evaluate(iteration)
-                if operation:
-                    on_driver(lambda d: d.conclude(operation, iteration))
-                    return
-            on_driver(lambda d: d.finish_run(iterations))
+    def sync(iteration: int, probe_reference: ProbeReference | None) -> SyncedWeights:
+        """Engine weights resumed → version `iteration` pushed and checked → the rest resumed."""
+        phase("sync", iteration, str(iteration))
+        on_driver(lambda d: d.prepare_engine_for_weights())
+        # An offloaded trainer's weights are read from its pinned CPU copies.
+        weights = weight_sync.push(trainer, str(iteration), offload.named_parameters() if offload else None)
+        on_driver(lambda d: d.load_weights(weights, probe_reference))
+        return weights
+
+    def evaluate(iteration: int) -> None:
+        phase("eval", iteration, str(iteration))
+        on_driver(lambda d: d.evaluate(iteration, str(iteration)))
+
+    def save(iteration: int) -> None:
+        """A run checkpoint: trainer (any-layout dist checkpoint) + the driver's state, then `latest`."""
+        phase("checkpoint", iteration, str(iteration))
+        files = on_driver(lambda d: d.checkpoint_files(iteration))
+        trainer.save(checkpoints.path(iteration), iteration, run_files=files)
+        on_driver(lambda d: d.checkpoint_saved(checkpoints, iteration))
+
+    iterations, start = config.train.iterations, 1
+    if checkpoint is not None:
+        trainer.load(checkpoint)  # model, optimizer and LR schedule, resharded to this layout
+        start = on_driver(lambda d: d.restore(read_run_file(checkpoint, driver_state_file), checkpoint)) + 1
+    startup_weights = sync(start - 1, reference())
+    on_driver(lambda d: d.report_startup(startup_weights))
+    if start == 1:
+        evaluate(0)
+    for iteration in range(start, iterations + 1):
+        served = str(iteration - 1)  # the weight version the engine serves in this rollout
+        phase("rollout", iteration, served)
+        batch = on_driver(lambda d: d.collect_batch(iteration, weight_version=served))
+        phase("release", iteration, served)
+        on_driver(lambda d: d.release_engine())
+        phase("onload", iteration, served)
+        onloaded = offload.onload() if offload else None
+        if batch is None:  # `pause --now` interrupted the rollout: the state after the last iteration, kept
+            operation = on_driver(lambda d: d.pending_operation())
+            save(iteration - 1)  # with the interrupted rollout's trajectories in its replay buffer
+            on_driver(lambda d: d.conclude(operation, iteration - 1))
+            return
+        phase("train", iteration, served)
+        train_metrics = trainer.train_iteration(batch)
+        probe_reference = reference()
+        operation = on_driver(lambda d: d.pending_operation())  # pause or stop, by an operator
+        if operation or _save_due(config, iteration):
+            save(iteration)  # here, before the devices go back to the engine: the state is all on them
+        phase("offload", iteration, served)
+        offloaded = offload.offload() if offload else None
+        weights = sync(iteration, probe_reference)
+        on_driver(lambda d: d.finish_iteration(iteration, train_metrics, weights, offloaded, onloaded))
+        if (config.eval.interval and iteration % config.eval.interval == 0) or iteration == iterations:
+            evaluate(iteration)
+        if operation:
+            on_driver(lambda d: d.conclude(operation, iteration))
+            return
+    on_driver(lambda d: d.finish_run(iterations))
 
 
 def _save_due(config: Config, iteration: int) -> bool:

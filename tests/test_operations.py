@@ -22,6 +22,8 @@ from megatron_rl.cli import main
 from megatron_rl.control import run_prefix
 from megatron_rl.control.etcd_store import EtcdStore
 from megatron_rl.control.operations import RunControl, RunOperation, control_for_run_dir
+from megatron_rl.rollout.replay_buffer import decode_state
+from megatron_rl.train.checkpoint import RunCheckpoints, read_run_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "megatron_rl" / "examples" / "tiny.yaml")
@@ -32,7 +34,7 @@ DETERMINISTIC_RUN = [
     "logging.tensorboard=false",
 ]
 # What differs between two runs of the same seeds: wall-clock measurements.
-TIMING = ("_seconds", "_per_s", "device_free")
+TIMING = ("_seconds", "_per_s", "device_free", "busy_fraction")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -174,3 +176,44 @@ def test_operating_a_run_that_cannot_be_operated_is_a_clear_error_and_overwrites
     # a new run into an existing run's directory
     assert main(["train", "--config", TINY, "--run-dir", str(run_dir)]) == 2
     assert "already holds a run" in capsys.readouterr().err and (run_dir / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_pause_now_interrupts_the_rollout_and_the_resumed_run_continues_its_partial_trajectories(tmp_path):
+    run_dir = tmp_path / "paused-now"
+    # Partial rollouts with responses of up to 100 tokens, 16 per iteration per trajectory: a rollout runs for
+    # seconds (the iteration's 6000-token budget), and unfinished trajectories span iterations.
+    arguments = ["--config", TINY, "--iterations", "3", "rollout.max_new_tokens=100", "rollout.temperature=1.5",
+                 "rollout.partial.segment_token_budget=16", "rollout.partial.iteration_token_budget=6000",
+                 "data.prompts_per_iteration=4", "rollout.samples_per_prompt=4", "eval.max_prompts=4",
+                 "eval.interval=0", "logging.tensorboard=false"]
+    process = train_process(run_dir, *arguments)
+    control = RunControl(run_dir, "megatron-rl")
+    # Iteration 1 is reported after its weight sync; iteration 2's rollout starts next and runs for seconds.
+    wait_for(lambda: (status := control.status()) is not None and status.iteration >= 1)
+    assert main(["runs", "pause", str(run_dir), "--now"]) == 0
+    output = finish(process)
+    assert "rollout 2 interrupted by pause --now" in output, output[-3000:]
+    status = control.status()
+    assert status.state == "paused" and status.iteration == 1 and control.pending_operation() is None
+    checkpoint = RunCheckpoints(run_dir).latest()
+    assert checkpoint.name == "iteration-000001"
+    kept = decode_state(read_run_file(checkpoint, "replay_buffer.jsonl"), "kept")
+    interrupted = [t for group in kept.groups for t in group.trajectories
+                   if any(segment.iteration == 2 for segment in t.segments)]
+    assert interrupted and all(s.weight_version == "1" for t in interrupted for s in t.segments if s.iteration == 2)
+    assert [m["iteration"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+
+    finish(train_process(run_dir, "--resume"))
+    assert control.status().state == "done"
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert metrics[1]["continued_trajectories"] >= sum(not t.finish_reason for g in kept.groups for t in g.trajectories)
+    assert all(m["swap_guard_mean_gap"] < 1e-4 for m in metrics)
+    # Every trajectory trained once: no (group, sample) in two iterations' rollouts.
+    trained = [(r["group_id"], r["sample_index"]) for path in sorted((run_dir / "rollouts").glob("iteration-*.jsonl"))
+               for r in read_jsonl(path)]
+    assert len(trained) == len(set(trained))
+    # The kept groups were trained after the resume, or still wait in the final buffer.
+    waiting = {g.group_id for g in decode_state(read_run_file(RunCheckpoints(run_dir).latest(), "replay_buffer.jsonl"),
+                                                "final").groups}
+    assert {g.group_id for g in kept.groups} <= {group for group, _ in trained} | waiting

@@ -4,6 +4,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
 
 from engine_fixtures import EngineServer
 from megatron_rl.cli import main
@@ -128,3 +129,26 @@ def test_the_restart_lifecycle_stops_the_engine_after_each_rollout_and_starts_it
     assert all(m["rollout_logprob_gap"] < 1e-3 and m["engine_restarts"] == 0 for m in metrics)
     starts = (run_dir / "engine.log").read_text().count("embedded engine: serving")
     assert starts == 3  # at the run's start, then after each iteration's weight sync
+
+
+@pytest.mark.parametrize("weight_sync", ["cuda_ipc", "nccl"])
+def test_the_in_memory_weight_paths_run_the_loop_and_pass_the_swap_guard(tmp_path, weight_sync):
+    """cuda_ipc on CPU hands shared-memory buckets to the engine; nccl broadcasts over gloo. Nothing is
+    written to hybrid.shm_dir, and every synced version scores the probes as the trainer does."""
+    run_dir, shm_dir = tmp_path / "run", tmp_path / "shm"
+    shm_dir.mkdir()
+    assert main(["train", "--config", TINY, "--run-dir", str(run_dir), "--iterations", "2",
+                 f"hybrid.weight_sync={weight_sync}", f"hybrid.shm_dir={shm_dir}", "data.prompts_per_iteration=8",
+                 "train.optimizer_steps_per_iteration=2", "hybrid.swap_guard_threshold=1e-4"]) == 0
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [(m["weight_version"], m["new_weight_version"]) for m in metrics] == [("0", "1"), ("1", "2")]
+    assert all(m["swap_guard_mean_gap"] < 1e-4 and m["swap_guard_seconds"] > 0 for m in metrics)
+    assert all(m["rollout_logprob_gap"] < 1e-3 and m["weight_sync_bytes"] > 0 for m in metrics)
+    assert not any(shm_dir.iterdir())
+
+
+def test_a_push_path_with_the_restart_lifecycle_is_refused_by_name(tmp_path, capsys):
+    assert main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), "hybrid.weight_sync=nccl",
+                 "hybrid.engine_lifecycle=restart"]) == 2
+    assert "hybrid" in (err := capsys.readouterr().err) and "engine_lifecycle=release" in err
+    assert not (tmp_path / "run").exists()

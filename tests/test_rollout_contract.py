@@ -153,7 +153,10 @@ def sglang_type(node: ast.expr, module: SourceModule, seen: frozenset = frozense
         if base == "Union":
             return frozenset().union(*(sglang_type(a, module, seen) for a in args))
         if base == "Annotated":
-            return sglang_type(args[0], module, seen)
+            inner = sglang_type(args[0], module, seen)
+            if any(isinstance(a, ast.Call) and getattr(a.func, "id", None) == "Base64Bytes" for a in args[1:]):
+                return _bytes_as_base64(inner)  # HTTP callers send these bytes as base64 strings
+            return inner
         if base in ("List", "list", "Sequence"):
             return frozenset({("list", sglang_type(args[0], module, seen))})
         if base in ("Tuple", "tuple"):
@@ -164,6 +167,16 @@ def sglang_type(node: ast.expr, module: SourceModule, seen: frozenset = frozense
         if base == "Literal":
             return frozenset({("literal", frozenset(a.value for a in args if isinstance(a, ast.Constant)))})
     return frozenset({("opaque", ast.unparse(node))})
+
+
+def _bytes_as_base64(types_: frozenset) -> frozenset:
+    def one(t):
+        if t == ("opaque", "bytes"):
+            return STR
+        if t[0] == "list":
+            return ("list", _bytes_as_base64(t[1]))
+        return t
+    return frozenset(one(t) for t in types_)
 
 
 def our_type(annotation) -> frozenset:
@@ -329,6 +342,11 @@ def test_embedded_server_serves_exactly_the_endpoint_table():
     assert served == {path: set(e.methods) for path, e in ENDPOINTS.items()}
 
 
+WEIGHT_CONTROL_PATHS = ("/begin_weight_update", "/end_weight_update", "/update_weights_from_tensor",
+                        "/init_weights_update_group", "/update_weights_from_distributed",
+                        "/destroy_weights_update_group", "/update_weight_version")
+
+
 class _Recorder:
     """Stands in for urllib's opener: records what EngineClient puts on the wire, answers canned JSON."""
 
@@ -345,6 +363,7 @@ class _Recorder:
                                                            "output_token_logprobs": [[-0.5, 1, None]]}}
                           for rid in (body or {}).get("rid", [])],
             "/update_weights_from_disk": {"success": True, "message": "ok", "num_paused_requests": 0},
+            **{path: {"success": True, "message": "ok"} for path in WEIGHT_CONTROL_PATHS},
             "/model_info": {"model_path": "/m", "weight_version": "v"},
         }
         payload = json.dumps(answers.get("/" + path)).encode() if "/" + path in answers else b""
@@ -372,6 +391,16 @@ def test_what_the_client_sends_is_in_the_contract(sglang_sources):
     full = SamplingParams(max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, min_new_tokens=1,
                           stop_token_ids=[2], ignore_eos=True, sampling_seed=3)
     client.generate([GenerateRequest(input_ids=[1, 2], sampling_params=full, rid="r"), GenerateRequest(input_ids=[3])])
+    client.generate([GenerateRequest(input_ids=[1, 2], logprob_start_len=0), GenerateRequest(input_ids=[3])])
+    client.begin_weight_update()
+    client.update_weights_from_tensor(["cGF5bG9hZA=="], load_format="flattened_bucket", weight_version="v2",
+                                      flush_cache=False, abort_all_requests=True)
+    client.init_weights_update_group("127.0.0.1", 29500, 1, 2, group_name="g", backend="gloo")
+    client.update_weights_from_distributed(["w"], ["float32"], [[2, 3]], group_name="g", load_format="flattened_bucket",
+                                           weight_version="v3", flush_cache=False, abort_all_requests=True)
+    client.destroy_weights_update_group("g")
+    client.end_weight_update()
+    client.update_weight_version("v4")
     client.update_weights_from_disk("/w", "v1", load_format="auto", flush_cache=False, abort_all_requests=True)
     client.release_memory_occupation(["weights"])
     client.resume_memory_occupation()
@@ -382,6 +411,9 @@ def test_what_the_client_sends_is_in_the_contract(sglang_sources):
     client.flush_cache()
     client.get_model_info()
 
+    assert {path for _, path, _ in recorder.sent} >= set(WEIGHT_CONTROL_PATHS)
+    assert recorder.sent[1][2]["logprob_start_len"] == [0, -1]
+    assert "logprob_start_len" not in recorder.sent[0][2]  # output-only requests send what they always did
     for method, path, body in recorder.sent:
         endpoint = ENDPOINTS[path]
         assert method in endpoint.methods, (method, path)

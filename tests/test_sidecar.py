@@ -178,6 +178,22 @@ def test_engine_killed_mid_generation_is_restarted_with_the_same_weights(sidecar
     assert (ids, logprobs, served_version) == (reference_ids, reference_logprobs, "3")
 
 
+def test_pushed_weights_are_recorded_and_lost_with_the_engine(sidecar, make_version):
+    kept = make_version("5")
+    sidecar.load_weights(str(kept), "5")
+    # What a push (update_weights_from_tensor / _distributed) ends with: the engine takes the new version.
+    EngineClient(sidecar.engine_url, timeout=10).update_weight_version("pushed-6")
+    with pytest.raises(SidecarRequestError, match="reports weight version 'pushed-6', not 'pushed-7'"):
+        sidecar.weights_pushed("pushed-7")
+    assert sidecar.weights_pushed("pushed-6").weight_version == "pushed-6"
+    assert not kept.exists()  # nothing on disk is the engine's version any more
+    before = sidecar.status()
+    os.kill(before.engine_pid, signal.SIGKILL)
+    after = wait_for(lambda: (status := sidecar.status()).state == "ready" and status.restarts > before.restarts
+                     and status, READY_TIMEOUT, "engine restarted")
+    assert after.weight_version is None  # pushed weights cannot be re-loaded: it serves no version
+
+
 def test_release_and_resume_track_the_released_tags(sidecar, make_version):
     sidecar.load_weights(str(make_version("4")), "4")
     reference = greedy(sidecar.engine_url)
@@ -387,8 +403,10 @@ def test_sidecar_process_with_etcd(etcd_server, make_version, tmp_path):  # noqa
         engine_pid = ready.engine_pid
 
         # Its record, with a lease.
-        record = wait_for(lambda: store.get_json(key), 10, "sidecar record")
-        assert SidecarStatus.model_validate(record).state == "ready"
+        # (published asynchronously: the record may still say starting for a moment after wait_ready)
+        record = wait_for(lambda: (document := store.get_json(key)) and document["state"] == "ready" and document,
+                          10, "sidecar record, ready")
+        assert SidecarStatus.model_validate(record).engine_pid == engine_pid
         etcd = etcd3.client(host="127.0.0.1", port=etcd_server.client_port)
         assert etcd.get(key)[1].lease_id != 0
         etcd.close()
@@ -412,6 +430,10 @@ def test_sidecar_process_with_etcd(etcd_server, make_version, tmp_path):  # noqa
         with pytest.raises(SidecarStateError, match="'weights' is not released"):
             client.resume_memory(["weights"])
         assert client.wait_ready(5, weight_version="11").state == "ready"
+        EngineClient(ready.engine_url).update_weight_version("pushed-12")
+        assert client.weights_pushed("pushed-12").weight_version == "pushed-12"
+        with pytest.raises(SidecarRequestError, match="not 'pushed-13'"):
+            client.weights_pushed("pushed-13")
 
         # Operator commands, for this pod and for every pod, acknowledged in the record.
         def acknowledged(command_id: str) -> SidecarStatus | None:

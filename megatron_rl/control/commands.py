@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     add("status", "phase, iteration, reward and accuracy trend, throughput, checkpoint, engine health", _status)
     for name, verb in (("pause", "pause (checkpoint and free the devices; resumable)"), ("stop", "stop for good")):
         parser = add(name, f"{verb} at the run's next iteration boundary", _request)
+        parser.add_argument("--now", action="store_true",
+                            help="interrupt the rollout in progress instead (its partial trajectories are kept)")
         _add_kubernetes_arguments(parser)
     resume = add("resume", "continue a paused (or failed) run from its latest checkpoint", _resume)
     _add_kubernetes_arguments(resume)
@@ -141,8 +143,10 @@ def _request(args: argparse.Namespace) -> int:
     if pending is not None:
         raise UserError(f"run {args.run} already has a pending {pending.op} (requested {pending.requested_at}); "
                         "wait for it")
-    control.request(RunOperation(op=args.action))
-    print(f"{args.action} requested: run {args.run} stops after its current iteration, with a checkpoint")
+    control.request(RunOperation(op=args.action, now=args.now))
+    when = ("now (a rollout in progress is interrupted; its partial trajectories are kept)" if args.now
+            else "after its current iteration")
+    print(f"{args.action} requested: run {args.run} stops {when}, with a checkpoint")
     if args.kubernetes:
         from megatron_rl.control.kubernetes import JobControl
 

@@ -7,7 +7,8 @@ Each line is a JSON object with these fields (blank lines are skipped):
     messages    list of {"role": system|user|assistant, "content": str},
                 ending with a user message                          } of these two
     answer      string: the reference answer (a number is accepted and read as a string)
-    type        "math" or "code" (default "math")
+    type        "math", "code" (answer: JSON tests, see reward/code_tests.py) or "judge" (graded by
+                reward.judge) (default "math")
     difficulty  optional number in [0, 1]: the problem's pass rate (paper §2.3.4)
 
 Example:  {"id": "gsm8k-17", "prompt": "What is 2 + 3?", "answer": "5", "difficulty": 0.9}
@@ -45,7 +46,7 @@ class PromptRecord(BaseModel):
     prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     answer: str = Field(coerce_numbers_to_str=True)
-    type: Literal["math", "code"] = "math"
+    type: Literal["math", "code", "judge"] = "math"
     difficulty: float | None = Field(None, ge=0.0, le=1.0, description="pass rate of the problem")
 
     @model_validator(mode="after")
@@ -56,6 +57,10 @@ class PromptRecord(BaseModel):
         if self.messages is not None and self.messages[-1].role != "user":
             raise ValueError("the last of 'messages' is not from the user; end with the 'user' turn the model answers")
         return self
+
+    def question_text(self) -> str:
+        """The question alone (what a judge reads): the prompt, or the last user message."""
+        return self.prompt if self.prompt is not None else self.messages[-1].content
 
     def chat_messages(self) -> list[dict[str, str]]:
         """The conversation to generate from, as chat-template messages."""

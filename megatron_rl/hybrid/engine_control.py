@@ -24,7 +24,7 @@ from megatron_rl.errors import RunError, UserError
 from megatron_rl.hybrid.sidecar_protocol import (
     SidecarError, SidecarStatus, SidecarUnavailable, sidecar_record_key, utc_now,
 )
-from megatron_rl.hybrid.weight_sync import WrittenWeights
+from megatron_rl.hybrid.weight_sync import SyncedWeights
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.protocol import EngineError
 
@@ -62,6 +62,16 @@ class ExternalEngine:
         if self._kept is not None:  # like the sidecar: keep the last loaded directory only
             shutil.rmtree(self._kept, ignore_errors=True)
         self._kept = Path(path)
+        return self.status()
+
+    def weights_pushed(self, weight_version: str) -> SidecarStatus:
+        reported = self.client.weight_version()
+        if reported != weight_version:
+            raise EngineError(f"the engine at {self.engine_url} reports weight version {reported!r} after the push "
+                              f"of {weight_version!r}")
+        if self._kept is not None:
+            shutil.rmtree(self._kept, ignore_errors=True)
+            self._kept = None
         return self.status()
 
     def release_memory(self, tags: list[str] | None = None) -> SidecarStatus:
@@ -143,11 +153,16 @@ class EngineControl:
         if self.lifecycle == "release" and "weights" in self.control.status().released_tags:
             self._do("resuming the engine's weights", lambda: self.control.resume_memory(["weights"]))
 
-    def load(self, weights: WrittenWeights) -> None:
-        """Load a written weight version and check the engine serves it (a stopped engine loads it at start)."""
+    def load(self, weights: SyncedWeights) -> None:
+        """Load a written weight version (a stopped engine loads it at start), or record a pushed one, and
+        check the engine serves it."""
         started = time.monotonic()
-        self._do(f"weight sync of version {weights.weight_version}",
-                 lambda: self.control.load_weights(str(weights.path), weights.weight_version))
+        if weights.path is None:
+            self._do(f"weight sync of version {weights.weight_version}",
+                     lambda: self.control.weights_pushed(weights.weight_version))
+        else:
+            self._do(f"weight sync of version {weights.weight_version}",
+                     lambda: self.control.load_weights(str(weights.path), weights.weight_version))
         weights.load_seconds = time.monotonic() - started
 
     def resume(self, weight_version: str) -> None:
@@ -162,8 +177,17 @@ class EngineControl:
     def recover(self, weight_version: str) -> None:
         """After a request found the engine gone: wait until it is back (the sidecar restarts it and
         re-loads `weight_version`; a remote sidecar that is itself gone may be restarted with its pod's
-        rollout container meanwhile), or fail the run with what is known (rollout.engine_start_timeout_s)."""
-        self.wait_ready(weight_version)
+        rollout container meanwhile), or fail the run with what is known (rollout.engine_start_timeout_s).
+        Pushed weights (hybrid.weight_sync cuda_ipc or nccl) are gone with the engine: the run stops."""
+        if self.config.hybrid.weight_sync == "disk":
+            self.wait_ready(weight_version)
+            return
+        status = self.wait_ready(None)
+        if status.weight_version != weight_version:
+            raise RunError(f"the engine restarted and lost weight version {weight_version}, which the trainer pushed "
+                           f"into it (hybrid.weight_sync={self.config.hybrid.weight_sync}: nothing on disk to re-load "
+                           "mid-rollout). Continue the run from its last checkpoint (megatron-rl train --run-dir DIR "
+                           "--resume); hybrid.weight_sync=disk recovers in place")
 
     def close(self) -> None:
         for owned in self._owned:

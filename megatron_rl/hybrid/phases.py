@@ -49,9 +49,9 @@ NEXT_PHASES: dict[str, tuple[str, ...]] = {
     "eval": ("rollout", "paused", "done"),
     "rollout": ("release",),
     "release": ("onload",),
-    "onload": ("train",),
+    "onload": ("train", "checkpoint"),  # checkpoint: a rollout interrupted by `pause --now`
     "train": ("checkpoint", "offload"),
-    "checkpoint": ("offload",),
+    "checkpoint": ("offload", "paused", "done"),
     "offload": ("sync",),
     "paused": (),
     "done": (),

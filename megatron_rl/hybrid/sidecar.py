@@ -12,6 +12,8 @@ Behaviour:
 - Weight retention: the directory of the last loaded version is kept, so an engine restart re-loads it;
   the previously kept one is deleted once a newer version has loaded (the sidecar owns directories
   handed to `load_weights`). A restart is ready only once the engine reports that version again.
+  Weights the trainer pushed into the engine itself (`weights_pushed`: CUDA IPC or NCCL) cannot be
+  re-loaded: an engine restarted after them serves no version until the trainer pushes again.
 - Crashes: a monitor thread notices the engine exiting unexpectedly, restarts it on the same port (the
   URL stays valid), re-loads the kept version, re-releases the memory that was released, and reports
   ready with `restarts + 1`; past `max_engine_restarts` it reports failed with the engine's log tail.
@@ -63,6 +65,9 @@ class SidecarControl(Protocol):
     def wait_ready(self, timeout: float, weight_version: str | None = None) -> SidecarStatus:
         """Block until the engine is ready (and serves `weight_version`, if given)."""
 
+    def weights_pushed(self, weight_version: str) -> SidecarStatus:
+        """The trainer pushed `weight_version` into the engine itself: check the engine reports it, record it."""
+
     def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
         """Load the HF safetensors directory `path` as `weight_version` and check the engine reports it.
         With the engine stopped, only keep it: `start_engine` loads it."""
@@ -87,7 +92,7 @@ class SidecarControl(Protocol):
 
 @dataclass(frozen=True)
 class _KeptWeights:
-    path: Path
+    path: Path | None  # None: pushed into the engine by the trainer, nothing on disk to re-load
     weight_version: str
 
 
@@ -291,7 +296,11 @@ class Sidecar:
             raise _StartFailed(str(error)) from None
         self._client = EngineClient(engine.url, timeout=self.control_timeout_s)
         try:
-            if self._kept is not None:
+            if self._kept is not None and self._kept.path is None:
+                _log.warning("the restarted engine lost pushed weight version %r; it serves none until the trainer "
+                             "pushes again", self._kept.weight_version)
+                self._update(kept=None)
+            elif self._kept is not None:
                 self._load_into_engine(self._kept.path, self._kept.weight_version)
             if self._released:
                 self._client.release_memory_occupation(list(self._released))
@@ -370,16 +379,32 @@ class Sidecar:
             self._keep(directory, weight_version)
             return self.status()
 
-    def _keep(self, directory: Path, weight_version: str) -> None:
+    def weights_pushed(self, weight_version: str) -> SidecarStatus:
+        if not weight_version:
+            raise SidecarRequestError("weight_version: must be a non-empty string")
+        with self._operation:
+            self._require_running("weights_pushed")
+            try:
+                reported = self._client.weight_version()
+            except EngineError as error:
+                raise self._engine_error("weights_pushed", error, SidecarRequestError) from None
+            if reported != weight_version:
+                raise SidecarRequestError(f"weights_pushed: the engine reports weight version {reported!r}, not "
+                                          f"{weight_version!r}; push the weights before reporting them")
+            self._keep(None, weight_version)
+            return self.status()
+
+    def _keep(self, directory: Path | None, weight_version: str) -> None:
         previous = self._kept
         self._update(kept=_KeptWeights(directory, weight_version))
-        if previous is not None and previous.path.resolve() != directory.resolve():
+        if previous is not None and previous.path is not None and (
+                directory is None or previous.path.resolve() != directory.resolve()):
             shutil.rmtree(previous.path, ignore_errors=True)
 
     def _restore_kept_weights(self) -> None:
         """After a failed load the engine may hold a mix of versions (SGLang rolls back to its start-up
         weights): load the kept version again, or restart the engine if even that fails."""
-        if self._kept is None:
+        if self._kept is None or self._kept.path is None:
             return
         try:
             self._load_into_engine(self._kept.path, self._kept.weight_version)
@@ -486,7 +511,7 @@ class Sidecar:
         with self._operation:
             self._stop_process()  # an engine that operation may have started meanwhile
             kept, self._kept = self._kept, None
-            if kept is not None:
+            if kept is not None and kept.path is not None:
                 shutil.rmtree(kept.path, ignore_errors=True)
             self._update(state="stopped", released=[])
         if self._monitor is not None and self._monitor is not threading.current_thread():

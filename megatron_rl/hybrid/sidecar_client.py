@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from megatron_rl.errors import UserError
 from megatron_rl.hybrid.sidecar_protocol import (
     ERROR_TYPES, LoadWeightsBody, MemoryTagsBody, SidecarError, SidecarFailed, SidecarRequestError, SidecarStatus,
-    SidecarTimeout, SidecarUnavailable, SidecarUnreachable, load_sidecar_token,
+    SidecarTimeout, SidecarUnavailable, SidecarUnreachable, WeightsPushedBody, load_sidecar_token,
 )
 from megatron_rl.rollout.protocol import describe_validation_error
 
@@ -117,6 +117,9 @@ class SidecarClient:
     def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
         body = _body(LoadWeightsBody, path=str(path), weight_version=weight_version)
         return self._status("POST", "/v1/weights", body)
+
+    def weights_pushed(self, weight_version: str) -> SidecarStatus:
+        return self._status("POST", "/v1/weights/pushed", _body(WeightsPushedBody, weight_version=weight_version))
 
     def release_memory(self, tags: list[str] | None = None) -> SidecarStatus:
         return self._status("POST", "/v1/memory/release", _body(MemoryTagsBody, tags=tags))

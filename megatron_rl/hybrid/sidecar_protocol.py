@@ -7,6 +7,7 @@ HTTP (`megatron-rl sidecar`, all under /v1/, JSON; `Authorization: Bearer <token
     GET  /v1/ready?timeout=S&weight_version=V   SidecarStatus once ready (at V) within S ≤ 60 s, else 503
                               SidecarTimeout (ask again) or SidecarFailed (give up)
     POST /v1/weights          LoadWeightsBody  → SidecarStatus
+    POST /v1/weights/pushed   WeightsPushedBody → SidecarStatus
     POST /v1/memory/release   MemoryTagsBody   → SidecarStatus
     POST /v1/memory/resume    MemoryTagsBody   → SidecarStatus
     POST /v1/engine/restart   (no body)        → SidecarStatus
@@ -67,6 +68,13 @@ class LoadWeightsBody(_Body):
     it once a newer version has loaded."""
 
     path: str = Field(min_length=1)
+    weight_version: str = Field(min_length=1)
+
+
+class WeightsPushedBody(_Body):
+    """The trainer pushed `weight_version` into the engine itself (CUDA IPC or NCCL): the sidecar checks the
+    engine reports it and records it. Nothing is on disk, so an engine restart cannot re-load it."""
+
     weight_version: str = Field(min_length=1)
 
 

@@ -29,7 +29,7 @@ from megatron_rl.errors import UserError
 from megatron_rl.hybrid.sidecar import Sidecar, sidecar_from_config
 from megatron_rl.hybrid.sidecar_protocol import (
     SIDECAR_TOKEN_ENV, HealthBody, LoadWeightsBody, MemoryTagsBody, SidecarAuthError, SidecarError, SidecarStatus,
-    load_sidecar_token,
+    WeightsPushedBody, load_sidecar_token,
 )
 from megatron_rl.net import check_port
 from megatron_rl.rollout.protocol import describe_validation_error
@@ -111,6 +111,11 @@ def create_app(sidecar: Sidecar, token: str | None) -> FastAPI:
     async def load_weights(request: Request):
         body = await parse(request, LoadWeightsBody)
         return await respond(lambda: sidecar.load_weights(body.path, body.weight_version))
+
+    @app.post("/v1/weights/pushed")
+    async def weights_pushed(request: Request):
+        body = await parse(request, WeightsPushedBody)
+        return await respond(lambda: sidecar.weights_pushed(body.weight_version))
 
     @app.post("/v1/memory/release")
     async def release_memory(request: Request):

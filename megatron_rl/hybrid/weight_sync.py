@@ -1,10 +1,17 @@
-"""Pushing the trainer's weights into the rollout engine.
+"""Moving the trainer's weights into the rollout engine: three paths behind one interface.
 
-k1.5's path (`hybrid.weight_sync=disk`): every pipeline stage writes its weights, gathered over TP and
-named as in HF, as safetensors into shared memory (`hybrid.shm_dir`, /dev/shm by default), in buckets
-of at most `hybrid.bucket_size_mb`, so a rank never holds more than one bucket beyond its shard. The
-engine's sidecar then loads the directory with `update_weights_from_disk`, checks the engine reports
-the new weight version before any rollout uses it, and deletes the directory once a newer one loaded.
+Every path is a collective over the trainer ranks, `push(trainer, weight_version, named_parameters)`,
+returning `SyncedWeights`; the driver then has the engine's controller load or record that version
+(EngineControl.load) and checks the engine serves it before any rollout uses it.
+
+- `disk` (k1.5's, `DiskWeightSync` here): every pipeline stage writes its weights, gathered over TP and
+  named as in HF, as safetensors into shared memory (`hybrid.shm_dir`, /dev/shm by default), in buckets
+  of at most `hybrid.bucket_size_mb`, so a rank never holds more than one bucket beyond its shard. The
+  sidecar loads the directory with `update_weights_from_disk` and keeps it until a newer one loaded, to
+  re-load it after an engine crash.
+- `cuda_ipc` and `nccl` (hybrid/weight_push.py): buckets handed to the engine by handle
+  (`update_weights_from_tensor`) or broadcast to it (`update_weights_from_distributed`). Nothing is on
+  disk: an engine that crashes loses the version, and the run stops (its checkpoint resumes it).
 """
 from __future__ import annotations
 
@@ -18,14 +25,16 @@ from megatron_rl.errors import UserError
 
 
 @dataclass
-class WrittenWeights:
-    """A weight version written for the engine: where, how many bytes, and how long the write took."""
+class SyncedWeights:
+    """A weight version moved towards the engine: how many bytes, how long the trainer's side took, and
+    (disk) the directory the engine loads next; `path` None: already in the engine (a push)."""
 
     weight_version: str
-    path: Path
+    path: Path | None
     bytes: int
-    write_seconds: float
-    load_seconds: float = 0.0
+    write_seconds: float  # writing the directory, or the whole push
+    load_seconds: float = 0.0  # the engine loading the directory (disk), or recording the push
+    buckets: int = 0  # buckets sent (push paths)
 
     @property
     def seconds(self) -> float:
@@ -37,7 +46,7 @@ class WrittenWeights:
 
 
 class DiskWeightSync:
-    """`write` is collective (every trainer rank). The engine's sidecar loads what it wrote, and owns the
+    """`push` is collective (every trainer rank). The engine's sidecar loads what it wrote, and owns the
     loaded directory from then on (it keeps the last one, to re-load it after an engine restart)."""
 
     def __init__(self, shm_dir: str | Path, run_dir: Path, bucket_bytes: int):
@@ -50,7 +59,7 @@ class DiskWeightSync:
         self.directory = root / f"megatron-rl-weights-{run_key}"
         self.bucket_bytes = bucket_bytes
 
-    def write(self, trainer, weight_version: str, named_parameters=None) -> WrittenWeights:
+    def push(self, trainer, weight_version: str, named_parameters=None) -> SyncedWeights:
         """Collective. `named_parameters`: where to read the weights (default: the live parameters;
         an offloaded trainer passes its pinned CPU copies, TrainerOffload.named_parameters())."""
         from megatron_rl.train.convert_commands import write_hf_model
@@ -59,7 +68,7 @@ class DiskWeightSync:
         target = self.directory / f"v{weight_version}"
         written = write_hf_model(trainer.model, trainer.arch, target, trainer.hf_source, self.bucket_bytes,
                                  named_parameters=named_parameters)
-        return WrittenWeights(weight_version, target, written, time.monotonic() - started)
+        return SyncedWeights(weight_version, target, written, time.monotonic() - started)
 
     def close(self) -> None:
         """Free the shared memory this run's weights still hold (every rank may call it)."""
@@ -70,3 +79,15 @@ class DiskWeightSync:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_weight_sync(config, run_dir: Path, engine_url: str):
+    """The path `hybrid.weight_sync` names, for the engine at `engine_url` (push paths talk to it directly)."""
+    hybrid = config.hybrid
+    bucket_bytes = hybrid.bucket_size_mb * 2**20
+    if hybrid.weight_sync == "disk":
+        return DiskWeightSync(hybrid.shm_dir, run_dir, bucket_bytes)
+    from megatron_rl.hybrid.weight_push import DistributedWeightSync, TensorWeightSync
+
+    kind = TensorWeightSync if hybrid.weight_sync == "cuda_ipc" else DistributedWeightSync
+    return kind(engine_url, bucket_bytes, timeout=config.rollout.request_timeout_s)

@@ -1,32 +1,68 @@
-"""Score a batch of finished samples in parallel.
+"""Score a batch of finished samples in parallel; each request's `task_type` picks how.
 
-Processes, not threads: math-verify is CPU-bound sympy, so threads would share one GIL, and a
-process pool's tasks run in their worker's main thread, where math-verify's signal timeouts stop
-a pathological answer (see reward.math). Workers are spawned rather than forked because the
-trainer process holds CUDA state and threads, which a fork would copy in an unusable state.
+* "math": rule-based (reward.math). Processes, not threads: math-verify is CPU-bound sympy, so threads
+  would share one GIL, and a process pool's tasks run in their worker's main thread, where math-verify's
+  signal timeouts stop a pathological answer (see reward.math). Workers are spawned rather than forked
+  because the trainer process holds CUDA state and threads, which a fork would copy in an unusable state.
+* "code": the program in the response runs against the prompt's tests (the answer's format:
+  reward.code_tests) in a sandbox (`RewardBackends.sandbox`), from threads: the work is in the sandbox.
+* "judge": a chain-of-thought reward model (reward.judge) grades the response, one batched engine call.
+
+Math runs in the pool while code and judge requests are scored in the calling process.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from megatron_rl.errors import UserError
 from megatron_rl.reward.math import answers_equivalent, extract_final_answer
 from megatron_rl.reward.repetition import RepetitionConfig
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+TASK_TYPES = ("math", "code", "judge")
+
+if TYPE_CHECKING:
+    from megatron_rl.reward.judge import Judge, JudgeConfig
+    from megatron_rl.reward.sandbox.pool import Sandbox
 
 
 @dataclass(frozen=True)
 class RewardRequest:
     sample_id: str
     response_text: str
-    reference_answer: str
-    task_type: Literal["math"]
+    reference_answer: str  # for "code": the JSON test cases (reward.code_tests)
+    task_type: Literal["math", "code", "judge"]
     degenerate: bool = False  # the rollout stopped it for repetition (see reward.repetition)
+    question: str | None = None  # the prompt's question; the judge needs it
+
+
+@dataclass
+class RewardBackends:
+    """What code and judge requests are scored with; math needs none. Built once per run (`connect`)."""
+
+    sandbox: Sandbox | None = None  # SandboxPool (in process) or SandboxClient
+    judge: Judge | None = None
+    code_concurrency: int = 8  # programs run at once
+
+    @classmethod
+    def connect(cls, sandbox_url: str | None = None, judge: JudgeConfig | None = None,
+                code_concurrency: int = 8) -> RewardBackends:
+        """Clients of the sandbox service at `sandbox_url` and of the judge `judge` describes (either optional)."""
+        sandbox = None
+        if sandbox_url is not None:
+            from megatron_rl.reward.sandbox.client import SandboxClient
+
+            sandbox = SandboxClient(sandbox_url)
+        if judge is None:
+            return cls(sandbox, None, code_concurrency)
+        from megatron_rl.reward.judge import Judge
+
+        return cls(sandbox, Judge.connect(judge), code_concurrency)
 
 
 @dataclass(frozen=True)
@@ -35,7 +71,9 @@ class RewardResult:
     reward: float
     correct: bool
     extracted_answer: str | None
-    reason: str  # correct, wrong_answer, no_answer, degenerate_repetition, or "error: ..."
+    # correct, wrong_answer, no_answer, degenerate_repetition, "error: ...";
+    # code: no_program, "failed_test I: STATUS: detail"; judge: "malformed_verdict|truncated|engine_error: why"
+    reason: str
 
 
 def score_batch(
@@ -43,24 +81,51 @@ def score_batch(
     workers: int = DEFAULT_WORKERS,
     degenerate_penalty: float = RepetitionConfig().penalty,
     executor: Executor | None = None,
+    backends: RewardBackends | None = None,
 ) -> list[RewardResult]:
     """One result per request, in the same order; a failure scores only its own sample (reward 0).
 
-    Degenerate samples get `degenerate_penalty` without being scored. With `workers` ≤ 1 the
-    batch is scored in the calling thread. Pass a long-lived `executor` to avoid starting a
-    process pool on every call; the caller then owns its lifetime.
+    Degenerate samples get `degenerate_penalty` without being scored. Math: with `workers` ≤ 1 it is
+    scored in the calling thread; pass a long-lived `executor` to avoid starting a process pool on every
+    call (the caller then owns its lifetime). Code and judge requests need `backends` (UserError without).
     """
-    if executor is not None:
-        return _score_with(executor, requests, degenerate_penalty)
-    if workers <= 1 or len(requests) <= 1:
-        return [_score_or_error(request, degenerate_penalty) for request in requests]
-    pool_size = min(workers, len(requests))
-    with ProcessPoolExecutor(pool_size, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return _score_with(pool, requests, degenerate_penalty)
+    backends = backends or RewardBackends()
+    for request in requests:
+        if request.task_type not in TASK_TYPES:
+            raise ValueError(f"unsupported task_type {request.task_type!r}; supported: {', '.join(TASK_TYPES)}")
+    scored = {"math": [], "code": [], "judge": []}
+    results: dict[int, RewardResult] = {}
+    for position, request in enumerate(requests):
+        if request.degenerate:
+            results[position] = RewardResult(request.sample_id, degenerate_penalty, False, None, "degenerate_repetition")
+        else:
+            scored[request.task_type].append(position)
+    if scored["code"] and backends.sandbox is None:
+        raise UserError("code prompts need a sandbox to run their programs: start `megatron-rl sandbox serve` and set "
+                        "reward.sandbox_url")
+    if scored["judge"] and backends.judge is None:
+        raise UserError("judge prompts need a judge model: set reward.judge.engine_url (an engine serving it)")
+    math_requests = [requests[position] for position in scored["math"]]
+    pool = None
+    if executor is None and workers > 1 and len(math_requests) > 1:
+        pool = executor = ProcessPoolExecutor(min(workers, len(math_requests)),
+                                              mp_context=multiprocessing.get_context("spawn"))
+    try:
+        # Submitted first, so the pool works on math while code and judge requests are scored here.
+        math_futures = [executor.submit(_score_math, request) for request in math_requests] if executor else None
+        results.update(zip(scored["code"], _score_code([requests[p] for p in scored["code"]], backends)))
+        results.update(zip(scored["judge"], _score_judged([requests[p] for p in scored["judge"]], backends)))
+        if math_futures is None:
+            results.update((p, _score_or_error(_score_math, requests[p])) for p in scored["math"])
+        else:
+            results.update(zip(scored["math"], _collect(math_requests, math_futures)))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return [results[position] for position in range(len(requests))]
 
 
-def _score_with(executor: Executor, requests: Sequence[RewardRequest], degenerate_penalty: float) -> list[RewardResult]:
-    futures = [executor.submit(_score, request, degenerate_penalty) for request in requests]
+def _collect(requests: Sequence[RewardRequest], futures: Sequence[Future]) -> list[RewardResult]:
     results = []
     for request, future in zip(requests, futures):
         try:
@@ -70,18 +135,49 @@ def _score_with(executor: Executor, requests: Sequence[RewardRequest], degenerat
     return results
 
 
-def _score_or_error(request: RewardRequest, degenerate_penalty: float) -> RewardResult:
+def _score_or_error(score, request: RewardRequest) -> RewardResult:
     try:
-        return _score(request, degenerate_penalty)
+        return score(request)
     except Exception as error:
         return _error_result(request, error)
 
 
-def _score(request: RewardRequest, degenerate_penalty: float) -> RewardResult:
-    if request.degenerate:
-        return RewardResult(request.sample_id, degenerate_penalty, False, None, "degenerate_repetition")
-    if request.task_type != "math":
-        raise ValueError(f"unsupported task_type {request.task_type!r}; supported: math")
+def _score_code(requests: Sequence[RewardRequest], backends: RewardBackends) -> list[RewardResult]:
+    if not requests:
+        return []
+
+    def score(request: RewardRequest) -> RewardResult:
+        from megatron_rl.reward.code import CodeReward
+        from megatron_rl.reward.code_tests import parse_code_answer
+
+        problem = parse_code_answer(request.reference_answer)
+        outcome = CodeReward(backends.sandbox, language=problem.language, limits=problem.limits).score(
+            request.response_text, problem.tests)
+        if outcome.passed:
+            reason = "correct"
+        elif outcome.reason == "no_program":
+            reason = "no_program"
+        else:
+            failed = next(verdict for verdict in outcome.verdicts if not verdict.passed)
+            reason = f"failed_test {failed.index}: {failed.status}: {failed.detail}"
+        return RewardResult(request.sample_id, outcome.reward, outcome.passed, outcome.program, reason)
+
+    with ThreadPoolExecutor(max(1, min(backends.code_concurrency, len(requests)))) as threads:
+        return list(threads.map(lambda request: _score_or_error(score, request), requests))
+
+
+def _score_judged(requests: Sequence[RewardRequest], backends: RewardBackends) -> list[RewardResult]:
+    from megatron_rl.reward.judge import JudgeItem
+
+    if not requests:
+        return []
+    items = [JudgeItem(request.question or "", request.reference_answer, request.response_text) for request in requests]
+    outcomes = backends.judge.judge(items)
+    return [RewardResult(request.sample_id, 1.0 if outcome.correct else 0.0, outcome.correct, None, outcome.reason)
+            for request, outcome in zip(requests, outcomes)]
+
+
+def _score_math(request: RewardRequest) -> RewardResult:
     answer = extract_final_answer(request.response_text)
     if answer is None:
         return RewardResult(request.sample_id, 0.0, False, None, "no_answer")

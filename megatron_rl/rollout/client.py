@@ -7,7 +7,7 @@ reached directly.
 
 Failures raise `EngineError` whose message names the endpoint, the URL and the server's error text;
 a server that cannot be connected to raises `EngineUnreachable` ("cannot reach engine at URL: ...;
-is it running?").
+is it running?"), and a connection that breaks before the answer `EngineConnectionLost` (the engine died).
 """
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ from typing import Any, Iterable, Sequence
 from pydantic import BaseModel, ValidationError
 
 from megatron_rl.rollout.protocol import (
-    AbortRequestBody, ContinueGenerationBody, EngineError, EngineUnreachable, GenerateBody, GenerateRequest,
-    GenerateResponse, GenerateResult, ModelInfo, PauseGenerationBody, ReleaseMemoryOccupationBody,
-    ResumeMemoryOccupationBody, UpdateWeightsFromDiskBody, UpdateWeightsResult,
+    AbortRequestBody, BeginWeightUpdateBody, ContinueGenerationBody, DestroyWeightsUpdateGroupBody,
+    EndWeightUpdateBody, EngineConnectionLost, EngineError, EngineUnreachable, GenerateBody, GenerateRequest,
+    GenerateResponse, GenerateResult, InitWeightsUpdateGroupBody, ModelInfo, PauseGenerationBody, ReleaseMemoryOccupationBody,
+    ResumeMemoryOccupationBody, UpdateWeightsFromDiskBody, UpdateWeightsFromDistributedBody,
+    UpdateWeightsFromTensorBody, UpdateWeightsResult, UpdateWeightVersionBody, WeightControlResult,
 )
 
-__all__ = ["EngineClient", "EngineError", "EngineUnreachable"]
+__all__ = ["EngineClient", "EngineConnectionLost", "EngineError", "EngineUnreachable"]
 
 
 def _server_message(raw: bytes) -> tuple[str, Any]:
@@ -96,7 +98,7 @@ class EngineClient:
         except (TimeoutError, socket.timeout):
             raise EngineError(f"{method} {path} at {url} timed out after {limit:g} s", endpoint=path, url=url) from None
         except (ConnectionError, http.client.HTTPException) as error:
-            raise EngineError(f"{method} {path} at {url}: connection lost ({type(error).__name__}: {error}); "
+            raise EngineConnectionLost(f"{method} {path} at {url}: connection lost ({type(error).__name__}: {error}); "
                               f"did the engine crash?", endpoint=path, url=url) from None
 
     def _json(self, method: str, path: str, body: BaseModel | None = None, **kwargs) -> Any:
@@ -132,6 +134,8 @@ class EngineClient:
             input_ids=[list(r.input_ids) for r in requests],
             sampling_params=[r.sampling_params for r in requests],
             return_logprob=[r.return_logprob for r in requests],
+            logprob_start_len=[r.logprob_start_len for r in requests]
+            if any(r.logprob_start_len != -1 for r in requests) else None,
             rid=[r.rid for r in requests],
         )
         payload = self._json("POST", "/generate", body, timeout=timeout)
@@ -175,17 +179,69 @@ class EngineClient:
         body = UpdateWeightsFromDiskBody(model_path=str(model_path), weight_version=weight_version,
                                          load_format=load_format, flush_cache=flush_cache,
                                          abort_all_requests=abort_all_requests)
-        path = "/update_weights_from_disk"
-        status, raw = self._call("POST", path, body, ok=(400,))
+        return self._weight_call("/update_weights_from_disk", body, UpdateWeightsResult)
+
+    def _weight_call(self, path: str, body: BaseModel, answer: type[BaseModel] = WeightControlResult,
+                     timeout: float | None = None) -> Any:
+        """POST a weight-control call; its {"success", "message", ...} answer, or EngineError when success=false
+        (HTTP 400 too; the error's `.body` holds the server's answer)."""
+        status, raw = self._call("POST", path, body, ok=(400,), timeout=timeout)
         message, parsed = _server_message(raw)
         if not isinstance(parsed, dict) or "success" not in parsed:
             raise EngineError(f"POST {path} failed at {self.base_url + path}: HTTP {status}: {message}",
                               endpoint=path, url=self.base_url + path, status=status, server_message=message, body=parsed)
-        result = self._parse(UpdateWeightsResult, parsed, path)
+        result = self._parse(answer, parsed, path)
         if not result.success:
             raise EngineError(f"POST {path} failed at {self.base_url + path}: {result.message}", endpoint=path,
                               url=self.base_url + path, status=status, server_message=result.message, body=parsed)
         return result
+
+    def begin_weight_update(self) -> WeightControlResult:
+        """Open the weight-update session (SGLang 0.5.21+: tensor and distributed updates fail outside one)."""
+        return self._weight_call("/begin_weight_update", BeginWeightUpdateBody())
+
+    def end_weight_update(self) -> WeightControlResult:
+        return self._weight_call("/end_weight_update", EndWeightUpdateBody())
+
+    def update_weights_from_tensor(self, serialized_named_tensors: list[str], *, load_format: str | None = None,
+                                   weight_version: str | None = None, flush_cache: bool = True,
+                                   abort_all_requests: bool = False) -> WeightControlResult:
+        """Load tensors shared by handle: one payload per engine TP rank (`weight_transport.dump_payload`).
+        Keep the shared tensors alive until this returns."""
+        body = UpdateWeightsFromTensorBody(serialized_named_tensors=list(serialized_named_tensors),
+                                           load_format=load_format, weight_version=weight_version,
+                                           flush_cache=flush_cache, abort_all_requests=abort_all_requests)
+        return self._weight_call("/update_weights_from_tensor", body)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl",
+                                  timeout: float | None = None) -> WeightControlResult:
+        """Have the engine join a broadcast group; returns once every rank joined, so the caller's own
+        rank 0 must join concurrently (`weight_transport.join_weights_update_group`)."""
+        body = InitWeightsUpdateGroupBody(master_address=master_address, master_port=master_port,
+                                          rank_offset=rank_offset, world_size=world_size, group_name=group_name,
+                                          backend=backend)
+        return self._weight_call("/init_weights_update_group", body, timeout=timeout)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], *,
+                                        group_name: str = "weight_update_group", load_format: str | None = None,
+                                        weight_version: str | None = None, flush_cache: bool = True,
+                                        abort_all_requests: bool = False,
+                                        timeout: float | None = None) -> WeightControlResult:
+        """Announce tensors the caller then broadcasts from group rank 0 in `names` order; returns once received."""
+        body = UpdateWeightsFromDistributedBody(names=list(names), dtypes=list(dtypes),
+                                                shapes=[list(shape) for shape in shapes], group_name=group_name,
+                                                load_format=load_format, weight_version=weight_version,
+                                                flush_cache=flush_cache, abort_all_requests=abort_all_requests)
+        return self._weight_call("/update_weights_from_distributed", body, timeout=timeout)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> WeightControlResult:
+        return self._weight_call("/destroy_weights_update_group", DestroyWeightsUpdateGroupBody(group_name=group_name))
+
+    def update_weight_version(self, new_version: str, *, abort_all_requests: bool = False) -> WeightControlResult:
+        """Set the version the engine reports. SGLang's default aborts every request; ours does not."""
+        body = UpdateWeightVersionBody(new_version=new_version, abort_all_requests=abort_all_requests)
+        return self._weight_call("/update_weight_version", body)
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
         """Release `tags` (weights, kv_cache, cuda_graph; None = all). The engine must be idle."""

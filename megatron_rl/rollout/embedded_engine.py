@@ -60,6 +60,15 @@ Sampling and log-probs (SGLang 0.5.23 conventions)
     `SGLANG_RETURN_ORIGINAL_LOGPROB=1`; the greedy path returns `log_softmax(logits)`). With
     temperature 1 they are the model's plain log-probs. `min_new_tokens` masks EOS/stop tokens to -inf
     before sampling (as SGLang's penalizer does), so the log-probs reflect that mask.
+    Prompt log-probs (`logprob_start_len` k ≥ 0 with `return_logprob`; -1, the default, means none):
+    `input_token_logprobs` has an entry per prompt token from position k on, the first with logprob
+    null, the others log_softmax(logits) of the position before at the prompt token — from the raw
+    logits, not temperature-scaled: SGLang 0.5.23 computes input log-probs in its logits processor
+    (`layers/logprob_processor.py`, plain log_softmax), and only the sampler scales by temperature. So
+    at temperature 1 prompt and output log-probs are the same function of the logits. k greater than
+    the prompt length is rejected (SGLang aborts such a request with 400). They are computed once, in
+    the request's (first) prefill: in batched mode the packed prefill keeps the logits of those prompt
+    positions, for the requests that ask, besides the last position of every request.
     A sampled token is drawn by inverting the CDF of the filtered distribution at one uniform number
     from the request's generator. `sampling_seed` seeds a per-request generator, so a seeded request
     draws the same numbers in either mode and whatever shares its batch (SGLang's seeded sampler
@@ -72,6 +81,20 @@ Memory release (CPU analogue of SGLang's memory saver + `--enable-weights-cpu-ba
     generating while weights or KV cache are released fails with `EngineStateError`. KV exists only
     for running requests (the batch cache is dropped when the last one leaves, retracted requests keep
     none), so an idle engine holds none; `stats()["kv_cache_tokens"]` shows what is held.
+
+Weight updates (SGLang 0.5.23's rules, sglang-api.md §1.7-§1.10)
+    From disk (`update_weights_from_disk`), from tensors shared by handle (`update_weights_from_tensor`,
+    the payloads decoded by `weight_transport.py`), and by broadcast in a process group the trainer
+    hosts (`init_weights_update_group`, `update_weights_from_distributed`; gloo here, rank
+    `rank_offset`). Tensor and distributed updates must run inside a session opened by
+    `begin_weight_update` and closed by `end_weight_update`, else they fail with SGLang's message.
+    Each update, session calls included, runs on the scheduler thread once the requests submitted
+    before it have finished (SGLang's writer lock), at once when paused. Names are HF names; a call's
+    tensors are all checked (names, shapes) before any is copied, so a refused call changes nothing.
+    A distributed update receives before it checks, so the trainer's broadcast always completes. On
+    success `weight_version` (when given) becomes the version reported; with `flush_cache` (the
+    default) a call made while requests still run fails after loading, as in SGLang. Group joins run
+    on a thread of their own (they block until the trainer joins); receives block the scheduler.
 """
 from __future__ import annotations
 
@@ -87,6 +110,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,8 +119,10 @@ import torch
 from megatron_rl.errors import UserError
 from megatron_rl.rollout.kv_batch import KVBatch, PackedPrefill, check_supported
 from megatron_rl.rollout.protocol import (
-    MEMORY_TAGS, FinishReason, GenerateResponse, MetaInfo, SamplingParams, UpdateWeightsResult, WeightVersionSpan,
+    MEMORY_TAGS, FinishReason, GenerateResponse, MetaInfo, SamplingParams, UpdateWeightsResult,
+    WeightControlResult, WeightVersionSpan,
 )
+from megatron_rl.rollout.weight_transport import join_weights_update_group, leave_weights_update_group, receive_broadcast
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +131,8 @@ RECENT_BATCHES = 2048
 DEFAULT_CHUNKED_PREFILL_SIZE = {False: 512, True: 64}  # by enable_deterministic_inference (see __init__)
 KV_MEMORY_FRACTION = 0.25  # of physical RAM, for the default max_total_tokens
 _MIN_LOGPROB = torch.finfo(torch.float32).min  # SGLang clamps too; JSON has no -inf
+WEIGHTS_GROUP_TIMEOUT = timedelta(minutes=10)  # joins and broadcasts of a weight-update group
+SESSION_REQUIRED = "{} must run between begin_weight_update() and end_weight_update()"  # SGLang's message
 
 
 class RequestError(ValueError):
@@ -121,6 +149,11 @@ class EngineRequest:
     sampling_params: SamplingParams
     return_logprob: bool = False
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    logprob_start_len: int = -1  # ≥ 0 (with return_logprob): prompt log-probs from this position on
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0
 
 
 @dataclass
@@ -134,6 +167,7 @@ class _Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # weight version of each output token
+    input_logprobs: list[float] = field(default_factory=list)  # of prompt tokens logprob_start_len+1, ...
     cache: Any = None                        # deterministic mode: DynamicCache holding KV of tokens[:processed]
     processed: int = 0
     num_retractions: int = 0
@@ -141,6 +175,14 @@ class _Request:
     @property
     def rid(self) -> str:
         return self.request.rid
+
+    def missing_input_logprob_positions(self) -> range:
+        """Prompt positions whose next-token log-prob is wanted and not computed yet (position p scores
+        prompt token p+1; they are computed in order, so what is missing is a tail)."""
+        if not self.request.wants_input_logprobs:
+            return range(0)
+        start = self.request.logprob_start_len
+        return range(start + len(self.input_logprobs), len(self.request.input_ids) - 1)
 
     @property
     def final_length(self) -> int:
@@ -295,6 +337,10 @@ class EmbeddedEngine:
         self._paused: str | None = None
         self._released: set[str] = set()
         self._weights_backup: Path | None = None
+        self._weight_update_session = False  # begin_weight_update ... end_weight_update
+        self._weight_groups: dict[str, Any] = {}  # group name → process group (None while being joined)
+        self._weight_groups_lock = threading.Lock()
+        self._join_lock = threading.Lock()  # one group construction at a time (torch's group registry is global)
         self._stopping = False
         self._step_count = 0
         self._recent_batches: deque[tuple[int, list[str]]] = deque(maxlen=RECENT_BATCHES)
@@ -388,6 +434,11 @@ class EmbeddedEngine:
                 control.future.set_exception(error)
         if self._weights_backup is not None:
             shutil.rmtree(self._weights_backup, ignore_errors=True)
+        with self._weight_groups_lock:
+            groups = [group for group in self._weight_groups.values() if group is not None]
+            self._weight_groups.clear()
+        for group in groups:
+            leave_weights_update_group(group)
 
     # ------------------------------------------------------------------ submission
 
@@ -407,6 +458,12 @@ class EmbeddedEngine:
                 raise RequestError(
                     f"sampling_params.max_new_tokens: requested token count exceeds the model's maximum context length "
                     f"of {self.context_length} tokens: {len(ids)} input tokens + {params.max_new_tokens} new tokens")
+        if request.logprob_start_len < -1:
+            raise RequestError(f"logprob_start_len: must be -1 (output log-probs only) or a prompt position ≥ 0, "
+                               f"got {request.logprob_start_len}")
+        if request.return_logprob and request.logprob_start_len > len(ids):
+            raise RequestError(f"logprob_start_len: {request.logprob_start_len} is higher than the number of input "
+                               f"tokens ({len(ids)}); use a smaller logprob_start_len")
         for token in params.stop_token_ids or ():
             if not 0 <= token < self.vocab_size:
                 raise RequestError(f"sampling_params.stop_token_ids: token id {token} is out of range for vocab size {self.vocab_size}")
@@ -496,6 +553,70 @@ class EmbeddedEngine:
 
         return self._control(run, drain=not abort_all_requests)
 
+    def begin_weight_update(self) -> Future:
+        """Open the session tensor and distributed updates need (fails if one is open); waits like an update."""
+        return self._control(self._begin_weight_update, drain=True)
+
+    def end_weight_update(self) -> Future:
+        return self._control(self._end_weight_update, drain=True)
+
+    def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]], *,
+                                   weight_version: str | None = None, flush_cache: bool = True,
+                                   abort_all_requests: bool = False) -> Future:
+        """Copy (HF name, tensor) pairs into the weights, inside a session. The tensors may be views of
+        another process's shared memory: they are read before the future resolves, never after."""
+        def run() -> WeightControlResult:
+            return self._update_weights_from_tensor(named_tensors, weight_version, flush_cache, abort_all_requests)
+
+        return self._control(run, drain=not abort_all_requests)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str) -> WeightControlResult:
+        """Join a broadcast group as rank `rank_offset` (TP size 1). Blocking until every rank joined: call
+        it from a thread of its own, not the scheduler's (generation goes on meanwhile)."""
+        failed = "Failed to initialize custom process group: "
+        if backend != "gloo":
+            return WeightControlResult(success=False, message=f"{failed}backend {backend!r} is not available: the "
+                                       f"embedded engine runs on CPU and joins weight-update groups with backend 'gloo'.")
+        if rank_offset >= world_size:
+            return WeightControlResult(success=False, message=f"{failed}rank_offset {rank_offset} leaves no rank for "
+                                       f"this engine in a group of world_size {world_size}; the embedded engine has TP "
+                                       f"size 1, so world_size must be at least rank_offset + 1.")
+        with self._weight_groups_lock:
+            if group_name in self._weight_groups:
+                return WeightControlResult(success=False, message=f"{failed}a group named {group_name!r} already "
+                                           f"exists; destroy it first.")
+            self._weight_groups[group_name] = None
+        try:
+            with self._join_lock:
+                group = join_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
+                                                  backend, WEIGHTS_GROUP_TIMEOUT)
+        except Exception as error:
+            with self._weight_groups_lock:
+                del self._weight_groups[group_name]
+            return WeightControlResult(success=False, message=f"{failed}{error}.")
+        with self._weight_groups_lock:
+            self._weight_groups[group_name] = group
+        return WeightControlResult(success=True, message="Succeeded to initialize custom process group.")
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], *,
+                                        group_name: str, load_format: str | None = None,
+                                        weight_version: str | None = None, flush_cache: bool = True,
+                                        abort_all_requests: bool = False) -> Future:
+        """Receive tensors broadcast from rank 0 of `group_name` (in `names` order) and load them, inside a session."""
+        def run() -> WeightControlResult:
+            return self._update_weights_from_distributed(names, dtypes, shapes, group_name, load_format,
+                                                         weight_version, flush_cache, abort_all_requests)
+
+        return self._control(run, drain=not abort_all_requests)
+
+    def destroy_weights_update_group(self, group_name: str) -> Future:
+        return self._control(lambda: self._destroy_weights_update_group(group_name))
+
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> Future:
+        """Set the reported weight version (SGLang aborts every request first by default)."""
+        return self._control(lambda: self._update_weight_version(new_version, abort_all_requests))
+
     @property
     def paused(self) -> str | None:
         return self._paused
@@ -521,6 +642,8 @@ class EmbeddedEngine:
                 "kv_cache_tokens": self._kv_tokens,
                 "enable_deterministic_inference": self.deterministic,
                 "weight_version": self.weight_version,
+                "weight_update_session": self._weight_update_session,
+                "weight_update_groups": sorted(self._weight_groups),
                 "recent_batches": [{"step": step, "rids": rids} for step, rids in self._recent_batches],
             }
 
@@ -615,8 +738,8 @@ class EmbeddedEngine:
         for request in admitted:
             if self._released:
                 self._fail(request, EngineStateError(self._released_message()))
-            elif request.request.sampling_params.max_new_tokens == 0:
-                self._finish(request, {"type": "length", "length": 0})
+            elif request.request.sampling_params.max_new_tokens == 0 and not request.missing_input_logprob_positions():
+                self._finish(request, {"type": "length", "length": 0})  # nothing to compute
 
     def _step(self) -> None:
         if self.deterministic:
@@ -653,6 +776,10 @@ class EmbeddedEngine:
                 )
                 request.processed += 1
                 logits = output.logits[0, -1]
+                missing = request.missing_input_logprob_positions()
+                if missing and position == missing.start:
+                    logprob = torch.log_softmax(logits.float(), dim=-1)[request.tokens[position + 1]]
+                    request.input_logprobs.append(float(logprob.clamp(min=_MIN_LOGPROB)))
             if request.processed == len(request.tokens) and logits is not None:
                 self._accept([request], logits.unsqueeze(0))
 
@@ -663,7 +790,8 @@ class EmbeddedEngine:
             decoding = set(map(id, self._batch_rows))
             pending = [r for r in self._running if id(r) not in decoding and not r.future.done()]
             if pending:
-                self._prefill = PackedPrefill(self.model, [r.tokens for r in pending])
+                self._prefill = PackedPrefill(self.model, [r.tokens for r in pending],
+                                              [r.missing_input_logprob_positions() for r in pending])
                 self._prefill_rows = pending
         stepped = list(self._batch_rows)
         if self._prefill is not None:
@@ -684,7 +812,9 @@ class EmbeddedEngine:
         if self._prefill is None:
             return
         prefill, group = self._prefill, self._prefill_rows
-        ended = prefill.forward_chunk(self.model, self._prefill_bound)
+        ended, scored = prefill.forward_chunk(self.model, self._prefill_bound)
+        for segment, logprobs in scored.items():
+            group[segment].input_logprobs.extend(logprobs.tolist())
         for segment in ended:
             group[segment].processed = len(group[segment].tokens)
         live = [segment for segment in ended if not group[segment].future.done()]
@@ -724,6 +854,14 @@ class EmbeddedEngine:
 
     def _accept(self, requests: list[_Request], logits: torch.Tensor) -> None:
         """Sample each request's next token from its row of logits, record it, and finish the requests that stop."""
+        prefill_only = [row for row, r in enumerate(requests) if r.request.sampling_params.max_new_tokens == 0]
+        if prefill_only:  # prompt log-probs only (SGLang's prefill-only requests): done, nothing sampled
+            for row in prefill_only:
+                self._finish(requests[row], {"type": "length", "length": 0})
+            keep = [row for row in range(len(requests)) if row not in prefill_only]
+            requests, logits = [requests[row] for row in keep], logits[keep]
+            if not requests:
+                return
         stop_ids, banned = [], []
         for request in requests:
             params = request.request.sampling_params
@@ -746,9 +884,12 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ finishing
 
     def _response(self, request: _Request, finish: dict, include_prompt_tokens: bool = True) -> GenerateResponse:
-        logprobs = None
+        logprobs = input_logprobs = None
         if request.request.return_logprob:
             logprobs = [(lp, token, None) for lp, token in zip(request.logprobs, request.output_ids)]
+        if request.request.wants_input_logprobs and not request.missing_input_logprob_positions():
+            scored = request.request.input_ids[request.request.logprob_start_len:]
+            input_logprobs = [(lp, token, None) for lp, token in zip([None, *request.input_logprobs], scored)]
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
@@ -758,6 +899,7 @@ class EmbeddedEngine:
             completion_tokens=len(request.output_ids), cached_tokens=0,
             weight_version=self.weight_version, weight_versions=_weight_version_spans(request.versions),
             e2e_latency=time.monotonic() - request.created, output_token_logprobs=logprobs,
+            input_token_logprobs=input_logprobs,
         )
         return GenerateResponse(text=text, output_ids=list(request.output_ids), meta_info=meta)
 
@@ -913,16 +1055,121 @@ class EmbeddedEngine:
         except Exception as error:
             return UpdateWeightsResult(success=False, message=f"Failed to update weights: {error}. "
                                        f"The previous weights are kept.")
-        with torch.no_grad():
-            for name, parameter in self.model.named_parameters():
-                parameter.copy_(tensors[name])
+        parameters = dict(self.model.named_parameters())
+        self._copy_weights([(name, tensors[name]) for name in parameters], parameters)
         self.model_path = str(model_path)
+        paused = len(self._running) + len(self._waiting) if self._paused else 0
+        result = self._loaded("Succeeded to update model weights.", weight_version, flush_cache)
+        return UpdateWeightsResult(success=result.success, message=result.message, num_paused_requests=paused)
+
+    # A refused session call or update answers success=false (HTTP 400), with SGLang's message where it has one.
+
+    @staticmethod
+    def _refused(message: str) -> WeightControlResult:
+        return WeightControlResult(success=False, message=message)
+
+    def _weights_released(self) -> WeightControlResult | None:
+        if "weights" in self._released:
+            return self._refused("Failed to update weights: the weights are released; call /resume_memory_occupation "
+                                 "with tags ['weights'] first")
+        return None
+
+    def _weight_targets(self, named_tensors: list[tuple[str, torch.Tensor]]) -> dict[str, torch.nn.Parameter]:
+        """The parameter each tensor goes into (tied aliases such as lm_head.weight included); ValueError
+        naming the first tensor whose name or shape does not match the served model."""
+        parameters = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, tensor in named_tensors:
+            parameter = parameters.get(name)
+            if parameter is None:
+                raise ValueError(f"tensor {name!r} is not a weight of the served model (HF names, such as "
+                                 f"{next(iter(parameters))!r}, are expected)")
+            if tuple(tensor.shape) != tuple(parameter.shape):
+                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the served model expects "
+                                 f"{tuple(parameter.shape)}")
+        return parameters
+
+    @torch.no_grad()
+    def _copy_weights(self, named_tensors: list[tuple[str, torch.Tensor]], parameters: dict) -> None:
+        for name, tensor in named_tensors:
+            parameters[name].copy_(tensor)
+
+    def _loaded(self, message: str, weight_version: str | None, flush_cache: bool) -> WeightControlResult:
+        """After new weights were copied in: record the version, then apply SGLang's flush rule."""
         if weight_version is not None:
             self.weight_version = weight_version
-        paused = len(self._running) + len(self._waiting) if self._paused else 0
+            message += f" Weight version updated to {weight_version}."
         if flush_cache and self._running:
-            return UpdateWeightsResult(
-                success=False, num_paused_requests=paused,
-                message="Weights were updated, but the cache was not flushed because requests are still running "
-                        "or queued. Retract or finish them, then call /flush_cache.")
-        return UpdateWeightsResult(success=True, message="Succeeded to update model weights.", num_paused_requests=paused)
+            return self._refused("Weights were updated, but the cache was not flushed because requests are still "
+                                 "running or queued. Retract or finish them, then call /flush_cache.")
+        return WeightControlResult(success=True, message=message)
+
+    def _begin_weight_update(self) -> WeightControlResult:
+        if self._weight_update_session:
+            return self._refused("a weight-update session is already open; call end_weight_update() first")
+        self._weight_update_session = True
+        return WeightControlResult(success=True, message="Success")
+
+    def _end_weight_update(self) -> WeightControlResult:
+        if not self._weight_update_session:
+            return self._refused("no weight-update session is open; call begin_weight_update() first")
+        self._weight_update_session = False
+        return WeightControlResult(success=True, message="Success")
+
+    def _update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]], weight_version: str | None,
+                                    flush_cache: bool, abort_all_requests: bool) -> WeightControlResult:
+        if abort_all_requests:
+            self._abort("", abort_all=True)
+        if not self._weight_update_session:
+            return self._refused(SESSION_REQUIRED.format("update_weights_from_tensor"))
+        if refusal := self._weights_released():
+            return refusal
+        try:
+            parameters = self._weight_targets(named_tensors)
+        except ValueError as error:
+            return self._refused(f"Failed to update weights: {error}. The previous weights are kept.")
+        self._copy_weights(named_tensors, parameters)
+        return self._loaded("Success", weight_version, flush_cache)
+
+    def _update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                         group_name: str, load_format: str | None, weight_version: str | None,
+                                         flush_cache: bool, abort_all_requests: bool) -> WeightControlResult:
+        if abort_all_requests:
+            self._abort("", abort_all=True)
+        if not self._weight_update_session:
+            return self._refused(SESSION_REQUIRED.format("update_weights_from_distributed"))
+        with self._weight_groups_lock:
+            group = self._weight_groups.get(group_name)
+            joined = sorted(name for name, value in self._weight_groups.items() if value is not None)
+        if group is None:
+            return self._refused(f"Failed to receive weights: Group {group_name} not in {joined}. Please call "
+                                 f"`init_weights_update_group` first.")
+        try:  # received before anything is checked, so the sender's broadcast completes whatever happens next
+            received = receive_broadcast(group, names, dtypes, shapes, load_format)
+        except Exception as error:
+            return self._refused(f"Failed to receive weights: {error}")
+        if refusal := self._weights_released():
+            return refusal
+        try:
+            parameters = self._weight_targets(received)
+        except ValueError as error:
+            return self._refused(f"Failed to update parameter online: {error}. The previous weights are kept.")
+        self._copy_weights(received, parameters)
+        return self._loaded("Succeeded to update parameter online.", weight_version, flush_cache)
+
+    def _destroy_weights_update_group(self, group_name: str) -> WeightControlResult:
+        with self._weight_groups_lock:
+            group = self._weight_groups.get(group_name)
+            if group is None:  # absent, or still being joined
+                return self._refused("The group to be destroyed does not exist.")
+            del self._weight_groups[group_name]
+        try:
+            leave_weights_update_group(group)
+        except Exception as error:
+            return self._refused(f"Failed to destroy custom process group: {error}.")
+        return WeightControlResult(success=True, message="Succeeded to destroy custom process group.")
+
+    def _update_weight_version(self, new_version: str, abort_all_requests: bool) -> WeightControlResult:
+        if abort_all_requests:
+            self._abort("", abort_all=True)
+        self.weight_version = new_version
+        return WeightControlResult(success=True, message=f"Weight version updated to {new_version}")

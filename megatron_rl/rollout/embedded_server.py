@@ -16,6 +16,11 @@ Request/response bodies are the models of `protocol.py`; paths, methods and stat
                                        step's batch) and `kv_cache_tokens`
     GET|POST /flush_cache?timeout=s    200 text when idle, else 400 text
     POST /update_weights_from_disk     {"success", "message", "num_paused_requests"}; 400 when success=false
+    POST /begin_weight_update, /end_weight_update        the session tensor and distributed updates need
+    POST /update_weights_from_tensor   one payload (TP size 1): CPU tensors in shared memory, by handle
+    POST /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group
+                                       broadcast from the trainer (backend gloo on CPU)
+    POST /update_weight_version        these answer {"success", "message"}; 400 when success=false
     GET|POST /release_memory_occupation, /resume_memory_occupation   200 `null`
     POST /abort_request                200, empty body
     POST /pause_generation             mode abort | retract | in_place
@@ -47,12 +52,16 @@ from megatron_rl.rollout.embedded_engine import (
     HEALTH_CHECK_RID_PREFIX, EmbeddedEngine, EngineRequest, EngineStateError, RequestError,
 )
 from megatron_rl.rollout.protocol import (
-    AbortRequestBody, ContinueGenerationBody, GenerateBody, PauseGenerationBody, ReleaseMemoryOccupationBody,
-    ResumeMemoryOccupationBody, SamplingParams, UpdateWeightsFromDiskBody, describe_validation_error,
+    AbortRequestBody, BeginWeightUpdateBody, ContinueGenerationBody, DestroyWeightsUpdateGroupBody,
+    EndWeightUpdateBody, GenerateBody, InitWeightsUpdateGroupBody, PauseGenerationBody, ReleaseMemoryOccupationBody,
+    ResumeMemoryOccupationBody, SamplingParams, UpdateWeightsFromDiskBody, UpdateWeightsFromDistributedBody,
+    UpdateWeightsFromTensorBody, UpdateWeightVersionBody, WeightControlResult, describe_validation_error,
 )
+from megatron_rl.rollout.weight_transport import PayloadError, load_payload, named_tensors
 
 HEALTH_CHECK_TIMEOUT_S = 20.0
 SERVER_VERSION = "megatron-rl-embedded-0.1"
+TP_SIZE = 1  # the embedded engine is one process: one payload per update, rank rank_offset in a group
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -86,13 +95,14 @@ def _requests_from_body(body: GenerateBody) -> list[EngineRequest]:
 
     params = per_prompt("sampling_params", body.sampling_params, SamplingParams())
     logprobs = per_prompt("return_logprob", body.return_logprob, False)
+    starts = per_prompt("logprob_start_len", body.logprob_start_len, -1)
     if isinstance(body.rid, str):
         rids = [f"{body.rid}_{i}" for i in range(count)] if body.is_batch else [body.rid]
     else:
         rids = per_prompt("rid", body.rid, None)
         rids = [rid if rid is not None else uuid.uuid4().hex for rid in rids]
-    return [EngineRequest(input_ids=list(ids), sampling_params=p, return_logprob=bool(lp), rid=rid)
-            for ids, p, lp, rid in zip(prompts, params, logprobs, rids)]
+    return [EngineRequest(input_ids=list(ids), sampling_params=p, return_logprob=bool(lp), rid=rid, logprob_start_len=start)
+            for ids, p, lp, rid, start in zip(prompts, params, logprobs, rids, starts)]
 
 
 def create_app(engine: EmbeddedEngine) -> FastAPI:
@@ -186,6 +196,7 @@ def create_app(engine: EmbeddedEngine) -> FastAPI:
             "engine": "embedded",
             "model_path": engine.model_path,
             "load_format": engine.load_format,
+            "tp_size": TP_SIZE,
             "max_running_requests": engine.max_running_requests,
             "enable_deterministic_inference": engine.deterministic,
             "chunked_prefill_size": engine.chunked_prefill_size,
@@ -216,6 +227,66 @@ def create_app(engine: EmbeddedEngine) -> FastAPI:
             body.model_path, load_format=body.load_format, weight_version=body.weight_version,
             flush_cache=body.flush_cache, abort_all_requests=body.abort_all_requests))
         return JSONResponse(result.model_dump(mode="json"), status_code=200 if result.success else 400)
+
+    def answered(result: WeightControlResult) -> JSONResponse:
+        return JSONResponse(result.model_dump(mode="json"), status_code=200 if result.success else 400)
+
+    @app.post("/begin_weight_update")
+    async def begin_weight_update(request: Request):
+        await parse(request, BeginWeightUpdateBody)  # selector: one model here, no draft
+        return answered(await wait(engine.begin_weight_update()))
+
+    @app.post("/end_weight_update")
+    async def end_weight_update(request: Request):
+        await parse(request, EndWeightUpdateBody)
+        return answered(await wait(engine.end_weight_update()))
+
+    def decoded_tensors(body: UpdateWeightsFromTensorBody) -> list:
+        if body.load_format not in (None, "flattened_bucket"):
+            raise HTTPFailure(400, f"load_format: {body.load_format!r} is not supported by the embedded engine; "
+                                   f"use null (a list of (name, tensor)) or 'flattened_bucket'")
+        if len(body.serialized_named_tensors) != TP_SIZE:
+            raise HTTPFailure(400, f"serialized_named_tensors: got {len(body.serialized_named_tensors)} payloads, but "
+                                   f"the embedded engine has TP size {TP_SIZE} (one payload per engine TP rank)")
+        try:
+            return named_tensors(load_payload(body.serialized_named_tensors[0]), body.load_format)
+        except PayloadError as exc:
+            raise HTTPFailure(400, f"serialized_named_tensors[0]: {exc}") from None
+
+    @app.post("/update_weights_from_tensor")
+    async def update_weights_from_tensor(request: Request):
+        body = await parse(request, UpdateWeightsFromTensorBody)
+        tensors = await asyncio.to_thread(decoded_tensors, body)
+        return answered(await wait(engine.update_weights_from_tensor(
+            tensors, weight_version=body.weight_version, flush_cache=body.flush_cache,
+            abort_all_requests=body.abort_all_requests)))
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request):
+        body = await parse(request, InitWeightsUpdateGroupBody)
+        return answered(await asyncio.to_thread(
+            engine.init_weights_update_group, body.master_address, body.master_port, body.rank_offset,
+            body.world_size, body.group_name, body.backend))
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request):
+        body = await parse(request, UpdateWeightsFromDistributedBody)
+        return answered(await wait(engine.update_weights_from_distributed(
+            body.names, body.dtypes, body.shapes, group_name=body.group_name, load_format=body.load_format,
+            weight_version=body.weight_version, flush_cache=body.flush_cache,
+            abort_all_requests=body.abort_all_requests)))
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(request: Request):
+        body = await parse(request, DestroyWeightsUpdateGroupBody)
+        return answered(await wait(engine.destroy_weights_update_group(body.group_name)))
+
+    @app.post("/update_weight_version")
+    async def update_weight_version(request: Request):
+        body = await parse(request, UpdateWeightVersionBody)
+        await wait(engine.update_weight_version(body.new_version, body.abort_all_requests))
+        return {"success": True, "message": f"Weight version updated to {body.new_version}",
+                "new_version": body.new_version}
 
     @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
     async def release_memory_occupation(request: Request):

@@ -28,7 +28,9 @@ Prefill (`PackedPrefill`)
     segment. The group runs in chunks of a bounded number of tokens, one forward each; a chunk's
     queries see only the columns from the start of their first segment on (`_InPlaceLayer.visible_from`),
     so a big group costs no attention across segments. Logits are computed only at the last token of
-    each sequence (`logits_to_keep`). The segments that ended in a chunk are copied, right-aligned, into
+    each sequence (`logits_to_keep`) and at the positions whose next-token log-prob a request asked for
+    (prompt log-probs, `scored_positions`); those come back as log_softmax of the raw logits at the
+    next token of the sequence, so a chunk never holds more than its own positions' logits. The segments that ended in a chunk are copied, right-aligned, into
     the rows of a new `KVBatch`, which the engine merges into its batch.
 """
 from __future__ import annotations
@@ -182,7 +184,9 @@ class KVBatch:
 class PackedPrefill:
     """Sequences prefilled packed into one row, chunk by chunk (see the module docstring)."""
 
-    def __init__(self, model, sequences: list[list[int]]):
+    def __init__(self, model, sequences: list[list[int]], scored_positions: list[range] | None = None):
+        """`scored_positions[i]`: positions of sequence i (each < its length − 1) whose log-prob of the next
+        token of the sequence is wanted."""
         self.lengths = [len(s) for s in sequences]
         self.starts = [0]
         for length in self.lengths[:-1]:
@@ -191,6 +195,10 @@ class PackedPrefill:
         self.token_ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
         self.segment = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(self.lengths))
         self.positions = torch.cat([torch.arange(n) for n in self.lengths])
+        self.scored = torch.zeros(self.total, dtype=torch.bool)  # packed index: its next-token log-prob is wanted
+        for start, positions in zip(self.starts, scored_positions or ()):
+            if positions:
+                self.scored[start + positions.start:start + positions.stop] = True
         self.layers = [_InPlaceLayer(1, self.total) for _ in range(num_layers(model))]
         self.cache = Cache(layers=self.layers)
         self.done = 0  # packed tokens processed
@@ -210,9 +218,10 @@ class PackedPrefill:
         """The segments that have tokens in the next chunk."""
         return range(int(self.segment[self.done]), int(self.segment[self._chunk_end(max_tokens) - 1]) + 1)
 
-    def forward_chunk(self, model, max_tokens: int | None) -> dict[int, torch.Tensor]:
-        """Process the next ≤ max_tokens packed tokens; return {segment: float logits of its last token}
-        for the segments that end in this chunk."""
+    def forward_chunk(self, model, max_tokens: int | None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Process the next ≤ max_tokens packed tokens. Return {segment: float logits of its last token} for
+        the segments that end in this chunk, and {segment: log-probs of the next tokens at its scored
+        positions in this chunk, in order}."""
         start, end = self.done, self._chunk_end(max_tokens)
         segments = self.next_chunk(max_tokens)
         visible_from = self.starts[segments[0]]
@@ -221,17 +230,29 @@ class PackedPrefill:
         causal = torch.arange(start, end).unsqueeze(1) >= torch.arange(visible_from, end).unsqueeze(0)
         mask = (self.segment[start:end].unsqueeze(1) == self.segment[visible_from:end].unsqueeze(0)) & causal
         ending = [s for s in segments if self.starts[s] + self.lengths[s] <= end]
-        keep = torch.tensor([self.starts[s] + self.lengths[s] - 1 - start for s in ending], dtype=torch.long)
+        last = torch.tensor([self.starts[s] + self.lengths[s] - 1 - start for s in ending], dtype=torch.long)
+        scored = torch.nonzero(self.scored[start:end]).squeeze(1)  # chunk-relative, never a last position
+        keep = torch.cat([last, scored]).sort().values
         output = model(
             input_ids=self.token_ids[start:end].unsqueeze(0),
             position_ids=self.positions[start:end].unsqueeze(0),
             attention_mask=mask[None, None],
             past_key_values=self.cache, use_cache=True,
-            logits_to_keep=keep if ending else 1,
+            logits_to_keep=keep if keep.numel() else 1,
         )
         self.done = end
         logits = output.logits[0].float()
-        return {segment: logits[i] for i, segment in enumerate(ending)}
+        row = torch.searchsorted(keep, last)
+        ended = {segment: logits[row[i]] for i, segment in enumerate(ending)}
+        next_token_logprobs: dict[int, torch.Tensor] = {}
+        if scored.numel():
+            logprobs = torch.log_softmax(logits[torch.searchsorted(keep, scored)], dim=-1)
+            chosen = logprobs.gather(1, self.token_ids[start + scored + 1].unsqueeze(1)).squeeze(1)
+            chosen.clamp_(min=torch.finfo(torch.float32).min)
+            owners = self.segment[start + scored]
+            for segment in owners.unique().tolist():
+                next_token_logprobs[segment] = chosen[owners == segment]
+        return ended, next_token_logprobs
 
     def to_batch(self, segments: list[int]) -> KVBatch | None:
         """A KVBatch with one row per segment (in this order), each right-aligned."""

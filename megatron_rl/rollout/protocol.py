@@ -41,6 +41,10 @@ class EngineUnreachable(EngineError):
     """No HTTP connection could be made: the server is down, the port is wrong, or the host is unknown."""
 
 
+class EngineConnectionLost(EngineError):
+    """The connection broke before an answer came: the engine most likely died mid-request."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------------
@@ -142,6 +146,8 @@ class GenerateBody(_RequestBody):
     input_ids: list[int] | list[list[int]]
     sampling_params: SamplingParams | list[SamplingParams] | None = None
     return_logprob: bool | list[bool] | None = None
+    # -1: log-probs of output tokens only; k ≥ 0: also of the prompt tokens from position k on (needs return_logprob)
+    logprob_start_len: int | list[int] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
 
@@ -176,7 +182,11 @@ class WeightVersionSpan(_ResponseBody):
 
 
 class MetaInfo(_ResponseBody):
-    """`meta_info` of one /generate result. `output_token_logprobs` entries are `[logprob, token_id, text]`."""
+    """`meta_info` of one /generate result. Log-prob entries are `[logprob, token_id, text]`.
+
+    `input_token_logprobs` (with `logprob_start_len` ≥ 0) has one entry per prompt token from that position
+    on; the first entry's logprob is null (SGLang does not compute the position before the start).
+    """
 
     sglang: ClassVar[SglangStruct] = SglangStruct((API_TYPES, "GenerateMetaInfo"), direction="response")
 
@@ -189,6 +199,7 @@ class MetaInfo(_ResponseBody):
     weight_versions: list[WeightVersionSpan] = []
     e2e_latency: float | None = None
     output_token_logprobs: list[tuple[float | None, int, str | None]] | None = None
+    input_token_logprobs: list[tuple[float | None, int, str | None]] | None = None
 
 
 class GenerateResponse(_ResponseBody):
@@ -209,6 +220,8 @@ class GenerateRequest(BaseModel):
     input_ids: list[int] = Field(min_length=1)
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     return_logprob: bool = True
+    # ≥ 0: also return the log-probs of the prompt tokens from this position on (`GenerateResult.input_logprobs`)
+    logprob_start_len: int = Field(-1, ge=-1)
     rid: str | None = None
 
 
@@ -217,6 +230,9 @@ class GenerateResult(BaseModel):
 
     `output_ids` holds every sampled token, the EOS/stop token included (SGLang does not trim it).
     `output_logprobs[i]` is the log-prob of `output_ids[i]` (None when return_logprob was false).
+    `input_logprobs[i]` is the log-prob of `input_ids[logprob_start_len + i]` given the tokens before it, the
+    first one None (only with logprob_start_len ≥ 0). SGLang computes both from the raw logits for the
+    prompt and temperature-scaled ones for the output (see the embedded engine's module docstring).
     """
 
     rid: str
@@ -230,6 +246,7 @@ class GenerateResult(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     text: str | None = None
+    input_logprobs: list[float | None] | None = None
 
     @classmethod
     def from_response(cls, response: GenerateResponse, request: GenerateRequest | None = None) -> GenerateResult:
@@ -240,6 +257,9 @@ class GenerateResult(BaseModel):
         logprobs = None
         if meta.output_token_logprobs is not None:
             logprobs = [float("nan") if entry[0] is None else float(entry[0]) for entry in meta.output_token_logprobs]
+        input_logprobs = None
+        if meta.input_token_logprobs is not None:
+            input_logprobs = [None if entry[0] is None else float(entry[0]) for entry in meta.input_token_logprobs]
         prompt_tokens = meta.prompt_tokens
         if prompt_tokens is None:
             prompt_tokens = len(request.input_ids) if request is not None else 0
@@ -249,7 +269,7 @@ class GenerateResult(BaseModel):
             finish_matched=finish.matched if finish.type == "stop" else None,
             finish_message=finish.message, weight_version=meta.weight_version,
             weight_versions=list(meta.weight_versions), prompt_tokens=prompt_tokens,
-            completion_tokens=meta.completion_tokens, text=response.text,
+            completion_tokens=meta.completion_tokens, text=response.text, input_logprobs=input_logprobs,
         )
 
 
@@ -278,6 +298,98 @@ class UpdateWeightsResult(_ResponseBody):
     success: bool
     message: str
     num_paused_requests: int = 0
+
+
+class BeginWeightUpdateBody(_RequestBody):
+    """`POST /begin_weight_update` (0.5.21+): opens the session that tensor and distributed updates need."""
+
+    sglang: ClassVar[SglangStruct] = SglangStruct((IO_STRUCT, "BeginWeightUpdateReqInput"))
+
+    selector: Literal["target", "draft", "all"] = "all"
+
+
+class EndWeightUpdateBody(_RequestBody):
+    """`POST /end_weight_update` `{}`: closes the session (SGLang finalizes the loaded weights here)."""
+
+    sglang: ClassVar[SglangStruct] = SglangStruct((IO_STRUCT, "EndWeightUpdateReqInput"))
+
+
+class UpdateWeightsFromTensorBody(_RequestBody):
+    """`POST /update_weights_from_tensor`: one base64 ForkingPickler payload per engine TP rank.
+
+    load_format null: the payload is a list of (HF name, tensor); "flattened_bucket": a dict with
+    `flattened_tensor` and `metadata` (see `weight_transport.py`). Tensors travel as handles (CUDA IPC on
+    GPU, shared memory on CPU); the producer keeps them alive until the call returns.
+    """
+
+    sglang: ClassVar[SglangStruct] = SglangStruct((IO_STRUCT, "UpdateWeightsFromTensorReqInput"))
+
+    serialized_named_tensors: list[str] = Field(min_length=1)
+    load_format: str | None = None
+    weight_version: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+class InitWeightsUpdateGroupBody(_RequestBody):
+    """`POST /init_weights_update_group`: the engine's TP rank r joins as rank `rank_offset + r`; the call
+    returns once every rank (the trainer's rank 0 too) has joined."""
+
+    sglang: ClassVar[SglangStruct] = SglangStruct((IO_STRUCT, "InitWeightsUpdateGroupReqInput"))
+
+    master_address: str = Field(min_length=1)
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(ge=1)
+    world_size: int = Field(ge=2)
+    group_name: str = Field("weight_update_group", min_length=1)
+    backend: str = "nccl"
+
+
+class UpdateWeightsFromDistributedBody(_RequestBody):
+    """`POST /update_weights_from_distributed`: the engine receives these tensors by broadcast from group
+    rank 0, in `names` order (one broadcast per tensor, or one of their concatenated bytes with
+    load_format "flattened_bucket")."""
+
+    sglang: ClassVar[SglangStruct] = SglangStruct((IO_STRUCT, "UpdateWeightsFromDistributedReqInput"))
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = Field("weight_update_group", min_length=1)
+    load_format: str | None = None
+    weight_version: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+class DestroyWeightsUpdateGroupBody(_RequestBody):
+    """`POST /destroy_weights_update_group`."""
+
+    sglang: ClassVar[SglangStruct] = SglangStruct((IO_STRUCT, "DestroyWeightsUpdateGroupReqInput"))
+
+    group_name: str = Field("weight_update_group", min_length=1)
+
+
+class UpdateWeightVersionBody(_RequestBody):
+    """`POST /update_weight_version`. SGLang aborts every request unless abort_all_requests is false."""
+
+    sglang: ClassVar[SglangStruct] = SglangStruct((IO_STRUCT, "UpdateWeightVersionReqInput"))
+
+    new_version: str = Field(min_length=1)
+    abort_all_requests: bool = True
+
+
+class WeightControlResult(_ResponseBody):
+    """`{"success", "message"}`: the answer of the weight-update control endpoints (HTTP 400 when success=false)."""
+
+    sglang: ClassVar[SglangStruct] = SglangStruct(
+        (IO_STRUCT, "BeginWeightUpdateReqOutput"), (IO_STRUCT, "EndWeightUpdateReqOutput"),
+        (IO_STRUCT, "UpdateWeightsFromTensorReqOutput"), (IO_STRUCT, "UpdateWeightsFromDistributedReqOutput"),
+        (IO_STRUCT, "InitWeightsUpdateGroupReqOutput"), (IO_STRUCT, "DestroyWeightsUpdateGroupReqOutput"),
+        direction="response")
+
+    success: bool
+    message: str
 
 
 class ReleaseMemoryOccupationBody(_RequestBody):
@@ -376,6 +488,13 @@ ENDPOINTS: dict[str, Endpoint] = {e.path: e for e in (
     Endpoint("/get_server_info", ("GET",)),
     Endpoint("/flush_cache", ("GET", "POST")),
     Endpoint("/update_weights_from_disk", ("POST",), UpdateWeightsFromDiskBody, UpdateWeightsResult),
+    Endpoint("/begin_weight_update", ("POST",), BeginWeightUpdateBody, WeightControlResult),
+    Endpoint("/end_weight_update", ("POST",), EndWeightUpdateBody, WeightControlResult),
+    Endpoint("/update_weights_from_tensor", ("POST",), UpdateWeightsFromTensorBody, WeightControlResult),
+    Endpoint("/init_weights_update_group", ("POST",), InitWeightsUpdateGroupBody, WeightControlResult),
+    Endpoint("/update_weights_from_distributed", ("POST",), UpdateWeightsFromDistributedBody, WeightControlResult),
+    Endpoint("/destroy_weights_update_group", ("POST",), DestroyWeightsUpdateGroupBody, WeightControlResult),
+    Endpoint("/update_weight_version", ("POST",), UpdateWeightVersionBody, WeightControlResult),
     Endpoint("/release_memory_occupation", ("GET", "POST"), ReleaseMemoryOccupationBody),
     Endpoint("/resume_memory_occupation", ("GET", "POST"), ResumeMemoryOccupationBody),
     Endpoint("/abort_request", ("POST",), AbortRequestBody),
@@ -386,9 +505,11 @@ ENDPOINTS: dict[str, Endpoint] = {e.path: e for e in (
 REQUEST_BODIES: tuple[type[_RequestBody], ...] = (
     GenerateBody, SamplingParams, UpdateWeightsFromDiskBody, ReleaseMemoryOccupationBody,
     ResumeMemoryOccupationBody, AbortRequestBody, PauseGenerationBody, ContinueGenerationBody,
+    BeginWeightUpdateBody, EndWeightUpdateBody, UpdateWeightsFromTensorBody, InitWeightsUpdateGroupBody,
+    UpdateWeightsFromDistributedBody, DestroyWeightsUpdateGroupBody, UpdateWeightVersionBody,
 )
 RESPONSE_BODIES: tuple[type[_ResponseBody], ...] = (
-    GenerateResponse, MetaInfo, FinishReason, WeightVersionSpan, UpdateWeightsResult,
+    GenerateResponse, MetaInfo, FinishReason, WeightVersionSpan, UpdateWeightsResult, WeightControlResult,
 )
 
 

@@ -154,10 +154,18 @@ def save_checkpoint(
         )
         (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
         _sync_directory(staging)
+        # Replacing a checkpoint of the same iteration (pause --now after a saved iteration): the old one
+        # is set aside first, so a crash in between leaves one of the two for `RunCheckpoints.latest`.
+        replaced = _replaced(directory)
         if directory.exists():
-            shutil.rmtree(directory)
+            directory.rename(replaced)
         staging.rename(directory)
+        shutil.rmtree(replaced, ignore_errors=True)
     dist.barrier()
+
+
+def _replaced(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".replaced")
 
 
 def _sync_directory(directory: Path) -> None:
@@ -210,7 +218,7 @@ class RunCheckpoints:
         staging = self.root / "latest.tmp"
         staging.write_text(self.path(iteration).name + "\n")
         os.replace(staging, pointer)
-        complete = sorted(p for p in self.root.glob("iteration-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        complete = sorted(p for p in self.root.glob("iteration-*") if p.is_dir() and p.name.count(".") == 0)
         for old in complete[: -self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -220,5 +228,7 @@ class RunCheckpoints:
         if not pointer.is_file():
             return None
         directory = self.root / pointer.read_text().strip()
+        if not directory.exists() and _replaced(directory).is_dir():  # a crash while it was being replaced
+            _replaced(directory).rename(directory)
         read_manifest(directory)  # raises UserError naming what is wrong
         return directory

@@ -148,14 +148,15 @@ class PolicyTrainer:
         return [index for index in range(count) if index % self.data_parallel_size == self.data_parallel_rank]
 
     @torch.no_grad()
-    def compute_logprobs(self, token_ids: list[list[int]], indices: list[int] | None = None) -> dict[int, torch.Tensor]:
-        """log π(token t+1 | tokens ≤ t) for t < len−1, per sample, at the rollout temperature.
+    def compute_logprobs(self, token_ids: list[list[int]], indices: list[int] | None = None,
+                         temperature: float | None = None) -> dict[int, torch.Tensor]:
+        """log π(token t+1 | tokens ≤ t) for t < len−1, per sample, at the rollout temperature (or `temperature`).
 
         Computed on the last pipeline stage (an empty dict elsewhere), for this DP rank's samples
         unless `indices` says which.
         """
         indices = self._local_indices(len(token_ids)) if indices is None else indices
-        temperature = self.config.rollout.temperature or 1.0
+        temperature = temperature or self.config.rollout.temperature or 1.0
 
         def keep_logprobs(microbatch: Microbatch, logits: torch.Tensor):
             logprobs = token_logprobs(logits, microbatch.labels.to(logits.device), temperature).float().cpu()
@@ -252,6 +253,14 @@ class PolicyTrainer:
             reported.update({name: value.detach() * (1.0 if name.endswith("_max") else weight) for name, value in output.metrics.items()})
             return loss, reported
 
+        return self.run_optimizer_step(microbatches, loss_function)
+
+    def run_optimizer_step(self, microbatches: list[Microbatch], loss_function) -> dict[str, float]:
+        """Forward/backward of `microbatches`, then one optimizer step (skipped on every rank if any loss is
+        not finite). `loss_function(microbatch, logits) -> (loss, reported)` runs on the last stage; the
+        schedule divides its loss by the microbatch count. Reported values are summed over microbatches
+        (maxima for names ending in _max), shared with every rank, and returned with grad_norm, lr, skipped.
+        """
         self.ddp_model.train()
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
