@@ -15,6 +15,8 @@ from megatron_rl.errors import RunError, UserError
 COMMAND_MODULES = (
     "megatron_rl.config_commands",
     "megatron_rl.train.commands",
+    "megatron_rl.train.sft_commands",
+    "megatron_rl.long2short.commands",
     "megatron_rl.data.commands",
     "megatron_rl.rollout.commands",
     "megatron_rl.rollout.bench_commands",
