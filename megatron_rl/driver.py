@@ -99,6 +99,9 @@ class Driver:
         self.eval_prompts = (encode_prompts(eval_records[: config.eval.max_prompts], self.tokenizer, template,
                                             max_prompt_tokens, source + " (eval)", system) if eval_records else [])
         self.sampler = make_sampler(config.data, [prompt.record for prompt in self.train_prompts])
+        # The swap guard's probe sequences (none when it is off): the same after every sync.
+        self.swap_probes = (probe_sequences([prompt.input_ids for prompt in self.train_prompts],
+                                            config.hybrid.swap_guard_probes) if config.hybrid.swap_guard else [])
         self.metrics = MetricsLog(run_dir, config.logging.tensorboard)
         self.table = ConsoleTable(self.console)
         self.rollouts_dir = run_dir / "rollouts"
@@ -143,18 +146,13 @@ class Driver:
     def prepare_engine_for_weights(self) -> None:
         self.engine_control.prepare_for_weights()
 
-    def swap_probes(self) -> list[list[int]]:
-        """The swap guard's probe sequences (none when it is off)."""
-        hybrid = self.config.hybrid
-        return probe_sequences([p.input_ids for p in self.train_prompts], hybrid.swap_guard_probes) if hybrid.swap_guard else []
-
     def load_weights(self, weights: SyncedWeights, probe_reference: ProbeReference | None) -> None:
         """The engine loads (or records) the synced version, gets the rest of its memory back, and the swap
         guard checks it scores the probes as the trainer does."""
         self.engine_control.load(weights)
         self.engine_control.resume(weights.weight_version)
         if probe_reference is not None:
-            self._swap_check = check_engine(self.engine, self.swap_probes(), probe_reference, weights.weight_version,
+            self._swap_check = check_engine(self.engine, self.swap_probes, probe_reference, weights.weight_version,
                                             self.config.hybrid.swap_guard_threshold)
 
     def close(self) -> None:
@@ -430,10 +428,10 @@ class Driver:
         self._last_checkpoint = str(checkpoints.path(iteration))
         self.console.print(f"driver: checkpoint of iteration {iteration} saved in {self._last_checkpoint}")
 
-    def restore(self, raw: bytes, checkpoint: Path) -> int:
+    def restore(self, checkpoint: Path) -> int:
         """Continue a run from its checkpoint; returns the iteration it ended. Records of later iterations
         (a crashed run's) are set aside, not deleted."""
-        state = DriverState.model_validate_json(raw)
+        state = DriverState.model_validate_json(read_run_file(checkpoint, DRIVER_STATE_FILE))
         self.sampler.load_state_dict(state.sampler)
         buffer = decode_state(read_run_file(checkpoint, REPLAY_BUFFER_FILE), f"{checkpoint}/run/{REPLAY_BUFFER_FILE}")
         try:

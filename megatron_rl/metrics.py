@@ -15,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
+from megatron_rl.atomic_file import atomic_text_file
+
 logger = logging.getLogger(__name__)
 
 # (metric key, column title, format) of the console table.
@@ -131,9 +133,8 @@ def set_aside_after(run_dir: Path, iteration: int) -> list[Path]:
         if later:
             aside = run_dir / f"{name}.after-{iteration}-{stamp}"
             aside.write_text("\n".join(later) + "\n")
-            staging = path.with_suffix(".tmp")
-            staging.write_text("".join(line + "\n" for line in kept))
-            os.replace(staging, path)
+            with atomic_text_file(path) as file:
+                file.write("".join(line + "\n" for line in kept))
             moved.append(aside)
     later_rollouts = [p for p in sorted((run_dir / "rollouts").glob("iteration-*.jsonl"))
                       if int(p.stem.split("-")[1]) > iteration]

@@ -28,7 +28,7 @@ from megatron_rl.hybrid.swap_guard import ProbeReference, trainer_reference
 from megatron_rl.hybrid.weight_sync import SyncedWeights, open_weight_sync
 from megatron_rl.metrics import set_aside_after
 from megatron_rl.train import parallel
-from megatron_rl.train.checkpoint import RunCheckpoints, read_run_file
+from megatron_rl.train.checkpoint import RunCheckpoints
 from megatron_rl.train.model import architecture_from_hf_config, check_parallel_layout
 from megatron_rl.train.offload import TrainerOffload
 from megatron_rl.train.trainer import PolicyTrainer
@@ -53,7 +53,7 @@ def run_rl(config: Config, run_dir: Path, resume: Literal["no", "yes", "auto"] =
 
 
 def _run_on_rank(config: Config, run_dir: Path, model_dir: Path, checkpoint: Path | None) -> None:
-    from megatron_rl.driver import DRIVER_STATE_FILE, Driver
+    from megatron_rl.driver import Driver
 
     with parallel.model_parallel(config.parallel.tp, config.parallel.pp, seed=config.train.seed):
         architecture = architecture_from_hf_config(read_hf_config(model_dir))
@@ -66,14 +66,13 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path, checkpoint: Pat
         driver_context = _driver_or_error(group, lambda: Driver(config, run_dir, model_dir, context_length))
         with driver_context as driver:
             on_driver = _on_driver(group, driver)
-            engine_url, probes = on_driver(lambda d: (d.engine_control.engine_url, d.swap_probes()))
+            engine_url, probes = on_driver(lambda d: (d.engine_control.engine_url, d.swap_probes))
             with open_weight_sync(config, run_dir, engine_url) as weight_sync:
-                _iterate(config, trainer, offload, checkpoints, checkpoint, weight_sync, on_driver, probes,
-                         DRIVER_STATE_FILE)
+                _iterate(config, trainer, offload, checkpoints, checkpoint, weight_sync, on_driver, probes)
 
 
 def _iterate(config: Config, trainer: PolicyTrainer, offload: TrainerOffload | None, checkpoints: RunCheckpoints,
-             checkpoint: Path | None, weight_sync, on_driver, probes: list[list[int]], driver_state_file: str) -> None:
+             checkpoint: Path | None, weight_sync, on_driver, probes: list[list[int]]) -> None:
     """The iterations, on every rank; `on_driver` runs a step on rank 0's Driver."""
 
     def phase(name: str, iteration: int, weight_version: str) -> None:
@@ -106,7 +105,7 @@ def _iterate(config: Config, trainer: PolicyTrainer, offload: TrainerOffload | N
     iterations, start = config.train.iterations, 1
     if checkpoint is not None:
         trainer.load(checkpoint)  # model, optimizer and LR schedule, resharded to this layout
-        start = on_driver(lambda d: d.restore(read_run_file(checkpoint, driver_state_file), checkpoint)) + 1
+        start = on_driver(lambda d: d.restore(checkpoint)) + 1
     startup_weights = sync(start - 1, reference())
     on_driver(lambda d: d.report_startup(startup_weights))
     if start == 1:

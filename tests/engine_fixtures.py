@@ -69,6 +69,18 @@ class EngineServer:
                 self.process.wait()
         self._log.close()
 
+    def __enter__(self) -> EngineServer:
+        """Ready to serve (stopped again if it never gets ready); stopped on exit."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="module")
 def engine_models(tmp_path_factory) -> dict[str, Path]:
@@ -85,12 +97,8 @@ def engine_models(tmp_path_factory) -> dict[str, Path]:
 def serve_engine(engine_models, tmp_path_factory, *args: str):
     """Yield a ready server for model "a" (at most 4 running requests, then `args`); stop it afterwards."""
     log_path = tmp_path_factory.mktemp("engine-server") / "server.log"
-    server = EngineServer(engine_models["a"], log_path, "--max-running-requests", "4", *args)
-    try:
-        server.wait_ready()
+    with EngineServer(engine_models["a"], log_path, "--max-running-requests", "4", *args) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

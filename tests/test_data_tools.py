@@ -32,13 +32,9 @@ SHORT_INSTRUCTION = "="  # the default instruction is all unknown characters to 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """tiny-digits in deterministic mode, so a greedy answer does not depend on what it is batched with."""
-    server = EngineServer(resolve_hf_dir(MODEL), tmp_path_factory.mktemp("engine") / "server.log",
-                          "--enable-deterministic-inference", "--max-running-requests", "8")
-    try:
-        server.wait_ready()
+    with EngineServer(resolve_hf_dir(MODEL), tmp_path_factory.mktemp("engine") / "server.log",
+                      "--enable-deterministic-inference", "--max-running-requests", "8") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -119,13 +119,9 @@ def phrase_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def judge_engine(phrase_models, tmp_path_factory):
-    server = EngineServer(phrase_models["true"], tmp_path_factory.mktemp("judge") / "server.log",
-                          "--max-running-requests", "4")
-    try:
-        server.wait_ready()
+    with EngineServer(phrase_models["true"], tmp_path_factory.mktemp("judge") / "server.log",
+                      "--max-running-requests", "4") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def serve(judge_engine, phrase_models, name: str) -> None:

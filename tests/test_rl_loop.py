@@ -74,12 +74,8 @@ def test_an_unreachable_engine_stops_the_run_with_a_clear_error(tmp_path, capsys
 
 
 def test_an_engine_that_rejects_the_weights_stops_the_run(tmp_path, tiny_models, capsys):
-    server = EngineServer(tiny_models["qwen3"], tmp_path / "engine.log")  # another architecture than the trainer's
-    try:
-        server.wait_ready()
+    with EngineServer(tiny_models["qwen3"], tmp_path / "engine.log") as server:  # another architecture than the trainer's
         code = main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), f"rollout.engine_url={server.url}"])
-    finally:
-        server.stop()
     assert code == 1
     error = capsys.readouterr().err
     assert "weight sync of version 0 failed" in error and "do not match the served model" in error
@@ -97,14 +93,10 @@ def test_requests_the_engine_rejects_drop_their_prompt_group_and_are_counted(tmp
     prompts = tmp_path / "prompts.jsonl"
     for index, text in enumerate(["1 2 3", "4 5 6", "7 8 9", "1 2 3 4 5"]):
         append_json_line(prompts, {"id": f"p{index}", "prompt": text, "answer": text[-1]})
-    server = EngineServer(engine_model, tmp_path / "engine.log")
-    try:
-        server.wait_ready()
+    with EngineServer(engine_model, tmp_path / "engine.log") as server:
         code = main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), "--iterations", "2",
                      f"rollout.engine_url={server.url}", f"data.prompts={prompts}", "data.prompts_per_iteration=4",
                      "rollout.samples_per_prompt=2", "train.optimizer_steps_per_iteration=1"])
-    finally:
-        server.stop()
     assert code == 0
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [(m["failed_groups"], m["failed_requests"], m["samples"]) for m in metrics] == [(1, 2, 6), (1, 2, 6)]

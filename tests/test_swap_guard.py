@@ -47,12 +47,8 @@ def _guard_on_rank(hf_dir, url: str) -> tuple[str | None, float | None]:
 
 @pytest.fixture(scope="module")
 def served(tiny_models, tmp_path_factory):
-    server = EngineServer(tiny_models["qwen3"], tmp_path_factory.mktemp("engine") / "engine.log")
-    try:
-        server.wait_ready()
+    with EngineServer(tiny_models["qwen3"], tmp_path_factory.mktemp("engine") / "engine.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_the_guard_stops_stale_weights_and_passes_the_synced_ones(tiny_models, served):

@@ -30,17 +30,13 @@ def test_engine_logprobs_match_trainer_after_weight_update(tiny_models, tmp_path
     export_dir = tmp_path / "weights"
     parallel.launch(_train_and_export, 2, hf_dir, export_dir)  # trained at PP=2, streamed in small buckets
 
-    server = EngineServer(hf_dir, tmp_path / "engine.log", "--load-format", "dummy")
-    try:
-        server.wait_ready()
+    with EngineServer(hf_dir, tmp_path / "engine.log", "--load-format", "dummy") as server:
         client = EngineClient(server.url, timeout=120)
         client.update_weights_from_disk(str(export_dir), weight_version="1")
         assert client.weight_version() == "1"
         results = client.generate(
             [GenerateRequest(input_ids=prompt, sampling_params=SamplingParams(max_new_tokens=12, temperature=1.0, sampling_seed=3)) for prompt in PROMPTS]
         )
-    finally:
-        server.stop()
 
     sequences = [prompt + result.output_ids for prompt, result in zip(PROMPTS, results)]
     trainer_logprobs = parallel.launch(_trainer_logprobs, 1, export_dir, sequences)[0]

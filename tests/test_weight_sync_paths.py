@@ -28,13 +28,9 @@ SESSION_MESSAGE = "update_weights_from_tensor must run between begin_weight_upda
 @pytest.fixture(scope="module")
 def served(tiny_models, tmp_path_factory):
     """One engine on qwen3's config with random (dummy) weights; every push starts from the untrained checkpoint."""
-    server = EngineServer(tiny_models["qwen3"], tmp_path_factory.mktemp("engine") / "engine.log",
-                          "--load-format", "dummy", "--weight-version", "dummy")
-    try:
-        server.wait_ready()
+    with EngineServer(tiny_models["qwen3"], tmp_path_factory.mktemp("engine") / "engine.log",
+                      "--load-format", "dummy", "--weight-version", "dummy") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def engine_prompt_logprobs(client: EngineClient) -> list[list[float]]:

@@ -12,7 +12,6 @@ the rollout), carries it out, and records the outcome in its status.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from megatron_rl.atomic_file import atomic_text_file
 from megatron_rl.control.store import MetadataStore, run_prefix
 from megatron_rl.errors import UserError
 
@@ -109,9 +109,8 @@ class RunControl:
         if record is None:
             path.unlink(missing_ok=True)
             return
-        staging = path.with_suffix(".tmp")
-        staging.write_text(record.model_dump_json(indent=1))
-        os.replace(staging, path)
+        with atomic_text_file(path) as file:
+            file.write(record.model_dump_json(indent=1))
 
     def pending_operation(self) -> RunOperation | None:
         return self._read("operation", RunOperation)
@@ -157,15 +156,3 @@ def control_for_run_dir(run_dir: Path) -> RunControl:
     store = store_from_config(config.control) if config.control.store == "etcd" else None
     return RunControl(run_dir, config.control.run_name, store)
 
-
-def load_json_lines(path: Path) -> list[dict]:
-    """The whole lines of a JSONL log (a torn last line, from a crash mid-write, is left out)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records

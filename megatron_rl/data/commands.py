@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                     "0 = hard) as its `difficulty`. Prompts whose requests fail keep their old value.")
     _add_io_arguments(difficulty)
     difficulty.add_argument("--samples", type=int, default=10, help="answers per prompt (the paper: 10)")
-    _add_engine_arguments(difficulty, max_new_tokens=1024, temperature=1.0)
+    add_engine_arguments(difficulty, max_new_tokens=1024, temperature=1.0)
     difficulty.set_defaults(handler=_difficulty)
 
     hackable = actions.add_parser(
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     hackable.add_argument("--instruction", default=None,
                           help="what is appended to each question to ask for a bare answer (default: "
                                "megatron_rl.data.difficulty.GUESS_INSTRUCTION)")
-    _add_engine_arguments(hackable, max_new_tokens=32, temperature=1.0)
+    add_engine_arguments(hackable, max_new_tokens=32, temperature=1.0)
     hackable.set_defaults(handler=_filter_hackable)
 
 
@@ -46,7 +46,7 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-place", action="store_true", help="allow --out to be the --prompts file itself")
 
 
-def _add_engine_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
     engine = parser.add_argument_group("model and sampling")
     where = engine.add_mutually_exclusive_group(required=True)
     where.add_argument("--engine-url", help="a running engine (SGLang or `megatron-rl engine serve`)")
@@ -100,6 +100,16 @@ def _settings_and_backends(args: argparse.Namespace):
     return settings, RewardBackends.connect(sandbox_url=args.sandbox_url, judge=judge)
 
 
+def load_prompts_to_sample(args: argparse.Namespace):
+    """(records of --prompts, GenerationSettings, RewardBackends) from `add_engine_arguments`' options; a prompt
+    type with nothing to score it fails here, before any generation."""
+    from megatron_rl.data.prompts import load_prompts
+
+    records = load_prompts(args.prompts)
+    _check_reward_backends(records, args)
+    return (records, *_settings_and_backends(args))
+
+
 def _check_reward_backends(records, args: argparse.Namespace) -> None:
     """Fail before any generation when a prompt type has nothing to score it with."""
     from megatron_rl.errors import UserError
@@ -118,7 +128,8 @@ def _check_reward_backends(records, args: argparse.Namespace) -> None:
             raise UserError(f"{args.prompts}: prompt '{record.id}' is graded by a judge; pass --judge-url")
 
 
-def _session(args: argparse.Namespace):
+def engine_session_from_args(args: argparse.Namespace):
+    """The engine session `add_engine_arguments`' options describe (a context manager)."""
     from megatron_rl.data.difficulty import engine_session
 
     return engine_session(engine_url=args.engine_url, model=args.model, tokenizer=args.tokenizer,
@@ -135,13 +146,11 @@ def _report(result, action: str) -> None:
 
 def _difficulty(args: argparse.Namespace) -> int:
     from megatron_rl.data.difficulty import estimate_difficulty
-    from megatron_rl.data.prompts import load_prompts, write_prompts
+    from megatron_rl.data.prompts import write_prompts
 
     _check_output(args)
-    records = load_prompts(args.prompts)
-    _check_reward_backends(records, args)
-    settings, backends = _settings_and_backends(args)
-    with _session(args) as session:
+    records, settings, backends = load_prompts_to_sample(args)
+    with engine_session_from_args(args) as session:
         print(f"difficulty: {len(records)} prompts × {args.samples} samples with the {session.description}")
         result = estimate_difficulty(session, records, args.samples, settings, backends, args.reward_workers)
     write_prompts(args.out, result.records)
@@ -155,13 +164,11 @@ def _difficulty(args: argparse.Namespace) -> int:
 
 def _filter_hackable(args: argparse.Namespace) -> int:
     from megatron_rl.data.difficulty import GUESS_INSTRUCTION, filter_hackable
-    from megatron_rl.data.prompts import load_prompts, write_prompts
+    from megatron_rl.data.prompts import write_prompts
 
     _check_output(args)
-    records = load_prompts(args.prompts)
-    _check_reward_backends(records, args)
-    settings, backends = _settings_and_backends(args)
-    with _session(args) as session:
+    records, settings, backends = load_prompts_to_sample(args)
+    with engine_session_from_args(args) as session:
         print(f"filter-hackable: {len(records)} prompts × {args.guesses} guesses with the {session.description}")
         result = filter_hackable(session, records, args.guesses, settings, backends, args.reward_workers,
                                  args.instruction or GUESS_INSTRUCTION)

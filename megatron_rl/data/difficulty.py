@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from megatron_rl.data.formatting import encode_prompts, load_tokenizer
 from megatron_rl.data.prompts import ChatMessage, PromptRecord
 from megatron_rl.errors import UserError
-from megatron_rl.reward.batch import RewardBackends, RewardRequest, score_batch
+from megatron_rl.reward.batch import RewardBackends, RewardRequest, RewardResult, score_batch
 from megatron_rl.rollout.client import EngineClient
-from megatron_rl.rollout.generation import RolloutFailed, generate_samples
+from megatron_rl.rollout.generation import RolloutFailed, Sample, generate_samples
 from megatron_rl.rollout.protocol import EngineError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,38 @@ def engine_session(engine_url: str | None = None, model: str | None = None, toke
     yield EngineSession(engine, load_tokenizer(resolve_hf_dir(token_source)), f"engine at {engine.base_url}")
 
 
+def sample_and_score(session: EngineSession, records: Sequence[PromptRecord], samples: int,
+                     settings: GenerationSettings, backends: RewardBackends | None = None, reward_workers: int = 0,
+                     description: str = "sampling",
+                     on_sample_done: Callable[[], None] | None = None) -> dict[str, list[tuple[Sample, RewardResult]]]:
+    """prompt id → its `samples` samples with their rewards, in sample order, for every prompt whose samples all
+    came back. Prompts go `PROMPTS_PER_CHUNK` at a time: generated, then scored with the run's rewards."""
+    decode = lambda ids: session.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    weight_version = session.engine.weight_version() or "default"
+    scored: dict[str, list[tuple[Sample, RewardResult]]] = {}
+    for chunk_number, start in enumerate(range(0, len(records), PROMPTS_PER_CHUNK)):
+        chunk = list(records[start: start + PROMPTS_PER_CHUNK])
+        prompts = encode_prompts(chunk, session.tokenizer, settings.apply_chat_template, NO_PROMPT_BOUND,
+                                 "prompts", settings.system_prompt)
+        try:
+            rollout = generate_samples(session.engine, prompts, samples, settings.sampling_params(), weight_version,
+                                       decode, seed=settings.seed if settings.temperature > 0 else None,
+                                       iteration=chunk_number, timeout=settings.request_timeout_s,
+                                       on_sample_done=on_sample_done)
+        except RolloutFailed as error:
+            logger.warning("%s: every request of prompts %d-%d failed: %s", description, start + 1,
+                           start + len(chunk), error)
+            continue
+        requests = [RewardRequest(sample_id=f"{sample.group_id}-{sample.sample_index}",
+                                  response_text=sample.response_text, reference_answer=sample.prompt.record.answer,
+                                  task_type=sample.prompt.record.type, question=sample.prompt.record.question_text())
+                    for sample in rollout.samples]  # by group, then sample index
+        scores = score_batch(requests, workers=reward_workers, backends=backends)
+        for sample, score in zip(rollout.samples, scores):
+            scored.setdefault(sample.prompt.record.id, []).append((sample, score))
+    return scored
+
+
 def count_correct(session: EngineSession, records: Sequence[PromptRecord], samples: int,
                   settings: GenerationSettings, backends: RewardBackends | None = None, reward_workers: int = 0,
                   description: str = "sampling", console: Console | None = None) -> dict[str, PassCount]:
@@ -129,38 +161,15 @@ def count_correct(session: EngineSession, records: Sequence[PromptRecord], sampl
     if samples < 1:
         raise UserError(f"--samples must be ≥ 1 (got {samples})")
     console = console or Console(stderr=True)
-    decode = lambda ids: session.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    weight_version = session.engine.weight_version() or "default"
-    sampling = settings.sampling_params()
-    counts: dict[str, PassCount] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     # Off a terminal (CI, `| tee`) a live bar only adds noise to the log.
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=len(records) * samples)
-        for chunk_number, start in enumerate(range(0, len(records), PROMPTS_PER_CHUNK)):
-            chunk = list(records[start: start + PROMPTS_PER_CHUNK])
-            prompts = encode_prompts(chunk, session.tokenizer, settings.apply_chat_template, NO_PROMPT_BOUND,
-                                     "prompts", settings.system_prompt)
-            try:
-                rollout = generate_samples(session.engine, prompts, samples, sampling, weight_version, decode,
-                                           seed=settings.seed, iteration=chunk_number,
-                                           timeout=settings.request_timeout_s,
-                                           on_sample_done=lambda: progress.advance(task))
-            except RolloutFailed as error:
-                logger.warning("%s: every request of prompts %d-%d failed: %s", description, start + 1,
-                               start + len(chunk), error)
-                continue
-            requests = [RewardRequest(sample_id=f"{sample.group_id}-{sample.sample_index}",
-                                      response_text=sample.response_text, reference_answer=sample.prompt.record.answer,
-                                      task_type=sample.prompt.record.type, question=sample.prompt.record.question_text())
-                        for sample in rollout.samples]
-            scores = score_batch(requests, workers=reward_workers, backends=backends)
-            for sample, score in zip(rollout.samples, scores):
-                record_id = sample.prompt.record.id
-                previous = counts.get(record_id, PassCount(0, 0))
-                counts[record_id] = PassCount(previous.correct + score.correct, previous.samples + 1)
-    return counts
+        scored = sample_and_score(session, records, samples, settings, backends, reward_workers, description,
+                                  on_sample_done=lambda: progress.advance(task))
+    return {record_id: PassCount(sum(score.correct for _, score in pairs), len(pairs))
+            for record_id, pairs in scored.items()}
 
 
 def estimate_difficulty(session: EngineSession, records: Sequence[PromptRecord], samples: int,

@@ -16,8 +16,6 @@ Example:  {"id": "gsm8k-17", "prompt": "What is 2 + 3?", "answer": "5", "difficu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +23,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from megatron_rl.atomic_file import atomic_text_file
 from megatron_rl.errors import UserError
 
 _EXAMPLE = '{"id": "q1", "prompt": "What is 2 + 3?", "answer": "5"}'
@@ -95,27 +94,15 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
 
 def write_prompts(path: str | Path, records: Iterable[PromptRecord]) -> None:
     """Write `records` as JSONL; atomic, so on any failure a file already at `path` is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file sits next to the target so that os.replace is a same-filesystem rename.
-    handle, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, 0o644)  # mkstemp's 0600 would make the data file private to its writer
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            written_ids: set[str] = set()
-            for record in records:
-                if not isinstance(record, PromptRecord):
-                    raise TypeError(f"write_prompts takes PromptRecord objects, got {type(record).__name__}")
-                if record.id in written_ids:
-                    raise UserError(f"{path}: duplicate id '{record.id}' among the records to write; make ids unique")
-                written_ids.add(record.id)
-                file.write(record.model_dump_json(exclude_none=True) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary_name, path)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
+    with atomic_text_file(path) as file:
+        written_ids: set[str] = set()
+        for record in records:
+            if not isinstance(record, PromptRecord):
+                raise TypeError(f"write_prompts takes PromptRecord objects, got {type(record).__name__}")
+            if record.id in written_ids:
+                raise UserError(f"{path}: duplicate id '{record.id}' among the records to write; make ids unique")
+            written_ids.add(record.id)
+            file.write(record.model_dump_json(exclude_none=True) + "\n")
 
 
 def _parse_line(raw_line: bytes, where: str) -> PromptRecord | None:

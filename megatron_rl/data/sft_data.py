@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import TypeVar
 import pydantic
 from pydantic import BaseModel, Field
 
+from megatron_rl.atomic_file import atomic_text_file
 from megatron_rl.data.formatting import encode_prompts
 from megatron_rl.data.prompts import PromptRecord
 from megatron_rl.errors import UserError
@@ -87,22 +86,11 @@ def load_records(path: str | Path, record_type: type[Record]) -> list[Record]:
 
 def write_records(path: str | Path, records: Iterable[BaseModel]) -> int:
     """Write `records` as JSONL atomically (a file already at `path` stays whole on failure); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        os.fchmod(handle, 0o644)
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for record in records:
-                file.write(record.model_dump_json(exclude_none=True) + "\n")
-                count += 1
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_text_file(path) as file:
+        for record in records:
+            file.write(record.model_dump_json(exclude_none=True) + "\n")
+            count += 1
     return count
 
 

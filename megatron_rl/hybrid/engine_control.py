@@ -55,23 +55,19 @@ class ExternalEngine:
 
     def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
         self.client.update_weights_from_disk(path, weight_version=weight_version)
-        reported = self.client.weight_version()
-        if reported != weight_version:
-            raise EngineError(f"the engine at {self.engine_url} reports weight version {reported!r} after loading "
-                              f"{weight_version!r}")
-        if self._kept is not None:  # like the sidecar: keep the last loaded directory only
-            shutil.rmtree(self._kept, ignore_errors=True)
-        self._kept = Path(path)
-        return self.status()
+        return self._serving(weight_version, f"loading {weight_version!r}", Path(path))
 
     def weights_pushed(self, weight_version: str) -> SidecarStatus:
+        return self._serving(weight_version, f"the push of {weight_version!r}", None)
+
+    def _serving(self, weight_version: str, after: str, kept: Path | None) -> SidecarStatus:
+        """Check the engine reports `weight_version`; like the sidecar, keep only the last loaded directory."""
         reported = self.client.weight_version()
         if reported != weight_version:
-            raise EngineError(f"the engine at {self.engine_url} reports weight version {reported!r} after the push "
-                              f"of {weight_version!r}")
-        if self._kept is not None:
+            raise EngineError(f"the engine at {self.engine_url} reports weight version {reported!r} after {after}")
+        if self._kept is not None and self._kept != kept:
             shutil.rmtree(self._kept, ignore_errors=True)
-            self._kept = None
+        self._kept = kept
         return self.status()
 
     def release_memory(self, tags: list[str] | None = None) -> SidecarStatus:

@@ -10,7 +10,6 @@ reach the engine's own unauthenticated API anyway. On any other address it refus
 """
 from __future__ import annotations
 
-import argparse
 import hmac
 import ipaddress
 import logging
@@ -207,19 +206,10 @@ def serve(config: Config, *, log_dir: Path | None = None, engine_port: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_rl.hybrid.commands import add_sidecar_arguments, run_sidecar
+    """`python -m megatron_rl.hybrid.sidecar_server ARGS` is `megatron-rl sidecar ARGS`."""
+    from megatron_rl.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_rl.hybrid.sidecar_server",
-                                     description="the pod's sidecar: owns the rollout engine, serves its control API")
-    add_sidecar_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_sidecar(args)
-    except UserError as exc:
-        print(f"sidecar: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return cli_main(["sidecar", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from megatron_rl.data.commands import _add_engine_arguments, _check_reward_backends, _session, _settings_and_backends
+from megatron_rl.data.commands import add_engine_arguments, engine_session_from_args, load_prompts_to_sample
 
 MODEL_NOTE = "--model may also be a megatron-rl checkpoint (from sft, dpo, merge or an RL run): it is exported to HF for the engine first."
 
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
         description=MODEL_NOTE)
     evaluate.add_argument("--prompts", required=True, help="held-out JSONL prompt file")
     evaluate.add_argument("--json", help="also write the result to this JSON file")
-    _add_engine_arguments(evaluate, max_new_tokens=1024, temperature=0.0)
+    add_engine_arguments(evaluate, max_new_tokens=1024, temperature=0.0)
     evaluate.set_defaults(handler=_evaluate)
 
 
@@ -51,7 +51,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out_help: str) -> N
     parser.add_argument("--prompts", required=True, help="JSONL prompt file with reference answers")
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--n", type=int, default=8, help="responses sampled per prompt (the paper: 8)")
-    _add_engine_arguments(parser, max_new_tokens=1024, temperature=1.0)
+    add_engine_arguments(parser, max_new_tokens=1024, temperature=1.0)
 
 
 @contextmanager
@@ -64,12 +64,11 @@ def _engine(args: argparse.Namespace):
             exported = Path(scratch) / "hf"
             mcore_to_hf(args.model, exported)
             args.model = str(exported)
-        with _session(args) as session:
+        with engine_session_from_args(args) as session:
             yield session
 
 
 def _sample(args: argparse.Namespace):
-    from megatron_rl.data.prompts import load_prompts
     from megatron_rl.errors import UserError
     from megatron_rl.long2short.sampling import sample_responses
 
@@ -77,9 +76,7 @@ def _sample(args: argparse.Namespace):
         raise UserError(f"--n must be ≥ 1 (got {args.n})")
     if Path(args.out).resolve() == Path(args.prompts).resolve():
         raise UserError(f"--out {args.out} is the --prompts file; write elsewhere")
-    records = load_prompts(args.prompts)
-    _check_reward_backends(records, args)
-    settings, backends = _settings_and_backends(args)
+    records, settings, backends = load_prompts_to_sample(args)
     with _engine(args) as session:
         print(f"{args.action}: {len(records)} prompts × {args.n} samples with the {session.description}", flush=True)
         responses = sample_responses(session, records, args.n, settings, backends, args.reward_workers)
@@ -129,12 +126,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from megatron_rl.data.prompts import load_prompts
     from megatron_rl.long2short.sampling import evaluate
 
-    records = load_prompts(args.prompts)
-    _check_reward_backends(records, args)
-    settings, backends = _settings_and_backends(args)
+    records, settings, backends = load_prompts_to_sample(args)
     with _engine(args) as session:
         result = evaluate(session, records, settings, backends, args.reward_workers)
     print(f"accuracy {result.accuracy:.3f} on {result.prompts} prompts, {result.mean_response_tokens:.1f} response "

@@ -33,7 +33,6 @@ awaited as futures.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -46,7 +45,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from megatron_rl.errors import UserError
 from megatron_rl.net import check_port
 from megatron_rl.rollout.embedded_engine import (
     HEALTH_CHECK_RID_PREFIX, EmbeddedEngine, EngineRequest, EngineStateError, RequestError,
@@ -352,19 +350,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 30000, load_format
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_rl.rollout.commands import add_serve_arguments, run_serve
+    """`python -m megatron_rl.rollout.embedded_server ARGS` is `megatron-rl engine serve ARGS`."""
+    from megatron_rl.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_rl.rollout.embedded_server",
-                                     description="serve a HF causal LM over SGLang's native HTTP API (CPU)")
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_serve(args)
-    except UserError as exc:
-        print(f"embedded engine: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return cli_main(["engine", "serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Generate k samples for each of a list of prompts, to the end: the one-shot rollout (evaluation, and
-training rollouts without partial rollouts).
+"""Generate k samples for each of a list of prompts, to the end: the one-shot rollout (evaluation, and the
+data and long2short tools).
 
 It is one iteration of `partial.run_groups` with no token budget, over a `RolloutMaster`: one request per
 sample, sent as engine slots free up, so every sample finishes, fails or is retried on its own and the
 engines' continuous batching stays full. Every token must come from the weight version the caller expects.
 A failed request drops its prompt's whole group (the mean-reward baseline needs all k samples), counted.
-Given one `EngineClient`, it makes a one-engine master whose lost engine is waited for with `recover()`
-(the sidecar restarting it with the same weights) and the requests sent again, so every sample is
-generated exactly once however often the engine dies; with seeded sampling it is even the same sample.
+Given one `EngineClient`, it makes a one-engine master; the RL driver passes its own master, whose lost
+engine is waited for (the sidecar restarting it with the same weights) and the requests sent again, so
+every sample is generated exactly once however often the engine dies.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from megatron_rl.data.formatting import EncodedPrompt
 from megatron_rl.reward.repetition import RepetitionConfig
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.master import RolloutFailed, RolloutMaster, StaleWeightsError
-from megatron_rl.rollout.partial import Group, PartialRolloutSettings, Trajectory, request_seed, run_groups
+from megatron_rl.rollout.partial import Group, PartialRolloutSettings, Trajectory, run_groups
 from megatron_rl.rollout.protocol import SamplingParams
 
-__all__ = ["RolloutFailed", "RolloutResult", "Sample", "StaleWeightsError", "generate_samples", "request_seed"]
+__all__ = ["RolloutFailed", "RolloutResult", "Sample", "StaleWeightsError", "generate_samples"]
 
 Sample = Trajectory  # a finished trajectory of a one-shot rollout (one segment)
 
@@ -53,22 +53,17 @@ def generate_samples(
     timeout: float = 600.0,
     repetition: RepetitionConfig | None = None,
     on_sample_done: Callable[[], None] | None = None,
-    recover: Callable[[], None] | None = None,
 ) -> RolloutResult:
     """`samples_per_prompt` samples of every prompt, grouped by prompt (group i = prompts[i]).
 
-    `engine`: one engine (then `timeout` bounds a request and `recover` brings a lost engine back), or a
-    master over several (which has its own timeout and recovery). Raises RolloutFailed when no engine can
+    `engine`: one engine (then `timeout` bounds a request, and a lost engine fails the rollout), or a master
+    over several (which has its own timeout and recovery). Raises RolloutFailed when no engine can
     serve or every group failed, StaleWeightsError when an answer carries another weight version.
     """
     if isinstance(engine, RolloutMaster):
-        if recover is not None:
-            raise ValueError("recover belongs to the RolloutMaster when one is given")
         master, owned = engine, False
     else:
-        master = RolloutMaster([engine], request_timeout=timeout,
-                               recover=None if recover is None else lambda client, version: recover())
-        owned = True
+        master, owned = RolloutMaster([engine], request_timeout=timeout), True
     settings = PartialRolloutSettings(samples_per_prompt=samples_per_prompt, groups_per_iteration=max(len(prompts), 1),
                                       max_new_tokens=max(sampling.max_new_tokens, 1))
     groups = [Group.new(index, index, prompt, iteration, samples_per_prompt, lambda _: sampling.max_new_tokens,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,6 +40,7 @@ from typing import Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from megatron_rl.atomic_file import atomic_text_file, fsync_directory
 from megatron_rl.errors import UserError
 
 FORMAT = "megatron-rl replay buffer"
@@ -115,19 +115,10 @@ class ReplayBuffer:
 
     def save(self, state: ReplayBufferState) -> Path:
         """Write the snapshot of `state.iteration` atomically, then drop the older ones beyond `keep`."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         target = self.path(state.iteration)
-        descriptor, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(encode_state(state))
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.directory)
+        with atomic_text_file(target) as file:
+            file.write(encode_state(state).decode("utf-8"))
+        fsync_directory(self.directory)
         for old in self.iterations()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return target
@@ -180,11 +171,3 @@ def _parse(model: type[BaseModel], line: str, where: str):
         raise UserError(f"{where}: not a valid replay buffer {what} ({field_name}: {first['msg']}); the snapshot "
                         "is damaged — resume from another iteration's snapshot") from None
 
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

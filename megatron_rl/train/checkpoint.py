@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_rl.atomic_file import fsync_directory
 from megatron_rl.errors import UserError
 from megatron_rl.hf_checkpoint import copy_tokenizer_files
 from megatron_rl.train.model import ModelArchitecture
@@ -174,11 +175,7 @@ def _sync_directory(directory: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_directory(directory)
 
 
 def load_checkpoint(directory: str | Path, model, optimizer=None) -> CheckpointManifest:

@@ -13,7 +13,6 @@ programs in it.
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 
@@ -23,7 +22,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from megatron_rl.errors import UserError
 from megatron_rl.reward.sandbox.pool import SandboxPool
 from megatron_rl.reward.sandbox.protocol import RunRequest, SandboxError
 
@@ -96,19 +94,10 @@ def serve(pool: SandboxPool, *, host: str = "127.0.0.1", port: int = 30080, log_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_rl.reward.sandbox.commands import add_serve_arguments, run_serve
+    """`python -m megatron_rl.reward.sandbox.server ARGS` is `megatron-rl sandbox serve ARGS`."""
+    from megatron_rl.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_rl.reward.sandbox.server",
-                                     description="serve the code-execution sandbox over HTTP")
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_serve(args)
-    except UserError as exc:
-        print(f"sandbox: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return cli_main(["sandbox", "serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
