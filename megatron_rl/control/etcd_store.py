@@ -46,6 +46,9 @@ GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Each store its own connections: gRPC otherwise shares them process-wide, and a new store would
+    # inherit another one's failed connection (and fail at once) while it waits out its backoff.
+    ("grpc.use_local_subchannel_pool", 1),
     # Detect a silently dead peer (node lost, network partition) on a long-lived watch stream.
     # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
     ("grpc.keepalive_time_ms", 10_000),
