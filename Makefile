@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # Each `make run` writes a new run directory (a run never overwrites another's records).
 RUN_DIR ?= runs/smollm2-arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install system-deps run run-tiny run-pod test bench-rollout render-chart
+.PHONY: install system-deps run run-tiny run-pod test bench-rollout render-chart kube-apiserver
 
 install: $(STAMP) system-deps
 
@@ -52,5 +52,10 @@ render-chart:
 	@$(MAKE) --no-print-directory -s $(STAMP) >&2
 	@$(PYTHON) deploy/tools/render_chart.py $(if $(VALUES),--values $(VALUES))
 
-test: install
+# A real kube-apiserver (v1.20.2, built from Debian's source package, cached in ~/.cache/megatron-rl) for the
+# integration tier of tests/test_kubernetes_jobs.py. About 7 min the first time; then it is found in the cache.
+kube-apiserver:
+	deploy/tools/build_kube_apiserver.sh >/dev/null
+
+test: install kube-apiserver
 	$(PYTHON) -m pytest

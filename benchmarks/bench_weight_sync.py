@@ -1,6 +1,7 @@
 """Seconds and GB/s to move the trainer's weights into the engine, per path, against a plain memory copy.
 
     .venv/bin/python benchmarks/bench_weight_sync.py [--sizes 10,50,150,500] [--repeats 3] [--bucket-mb 512]
+                                                     [--phase-iterations 3] [--phase-weight-sync disk]
                                                      [--out benchmarks/results/weight_sync.json]
 
 For each size (millions of parameters, fp32) a random Llama-shaped megatron model is built in this
@@ -16,8 +17,19 @@ after the other (so that other processes' load falls on all alike), the best tim
   a first push that joins the process group (printed separately).
 
 Every path is timed end to end (session, flush, weight version and its check included), and its bytes
-are checked to be the model's. Ratio = path seconds / copy seconds (target: ≤ 2). Prints a table and
-writes the figures as JSON.
+are checked to be the model's. Ratio = path seconds / copy seconds (target: ≤ 2).
+
+Phase switches: then, per size, a real `megatron-rl train` run (the tiny echo task, `--phase-iterations`
+iterations, a few short rollouts) on a random model of that shape saved as a HF directory, with the
+weight-sync path of `--phase-weight-sync`. Its metrics give each phase's seconds; the medians over the
+iterations after the first are reported:
+
+* rollout → train = release (the engine frees weights and KV cache) + onload (the trainer's state back);
+* train → rollout = offload (the trainer's state to pinned CPU memory) + sync (engine weights resumed, the
+  new version pushed, loaded and checked, KV cache resumed, swap guard).
+
+On CPU, offload and onload are off (`train.offload` defaults to on only with CUDA: the "device" memory is
+the host's). Prints tables and writes the figures as JSON.
 """
 from __future__ import annotations
 
@@ -26,6 +38,8 @@ import json
 import os
 import platform
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +60,7 @@ from megatron_rl.train.model import architecture_from_hf_config, build_gpt_model
 SHAPES = {10: (256, 1024, 6, 8192), 50: (512, 2048, 8, 16384), 150: (768, 3072, 11, 32000),
           500: (1280, 5120, 17, 32000)}
 SHM = Path("/dev/shm")
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "megatron_rl" / "examples" / "tiny.yaml"
 
 
 def write_config(directory: Path, size: int) -> Path:
@@ -133,11 +148,66 @@ def measure_size(size: int, repeats: int, bucket_bytes: int, work: Path) -> dict
     return row
 
 
+def write_trainable_model(directory: Path, size: int) -> Path:
+    """A random Llama model of about `size` M parameters with the tiny-digits tokenizer (the echo task's),
+    saved as a HF directory the trainer and the engine both load."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from megatron_rl.builtin_models import tiny_digits_tokenizer
+
+    hidden, intermediate, layers, vocab = SHAPES[size]
+    tokenizer = tiny_digits_tokenizer()
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def measure_phase_switch(size: int, iterations: int, weight_sync: str, work: Path) -> dict:
+    model_dir = write_trainable_model(work / f"trainable-{size}m", size)
+    run_dir = work / f"phase-run-{size}m"
+    command = [sys.executable, "-m", "megatron_rl.cli", "train", "--config", str(TINY_CONFIG), "--run-dir",
+               str(run_dir), "--iterations", str(iterations), f"model.hf_path={model_dir}",
+               f"hybrid.weight_sync={weight_sync}", "data.prompts_per_iteration=4", "rollout.samples_per_prompt=2",
+               "train.optimizer_steps_per_iteration=1", "train.micro_batch_size=8", "eval.interval=0",
+               "train.save_final=false", "logging.tensorboard=false"]
+    started = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise RuntimeError(f"the {size}M phase-switch run failed:\n{finished.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations_done = [record for record in records if "sync_seconds" in record]  # not the evaluation lines
+    steady = [record for record in iterations_done if record["iteration"] >= 2] or iterations_done
+
+    def median(key: str) -> float:
+        return statistics.median(record.get(key, 0.0) for record in steady)
+
+    row = {"size_m": size, "weight_sync": weight_sync, "iterations": len(steady),
+           **{f"{phase}_s": median(f"{phase}_seconds") for phase in ("rollout", "release", "onload", "train",
+                                                                     "offload", "sync")},
+           "weight_sync_s": median("weight_sync_seconds"), "swap_guard_s": median("swap_guard_seconds"),
+           "run_s": time.perf_counter() - started}
+    row["rollout_to_train_s"] = row["release_s"] + row["onload_s"]
+    row["train_to_rollout_s"] = row["offload_s"] + row["sync_s"]
+    print(f"  phase switch: rollout → train {row['rollout_to_train_s']:.3f} s, train → rollout "
+          f"{row['train_to_rollout_s']:.3f} s (run {row['run_s']:.0f} s)", flush=True)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10,50,150,500", help=f"model sizes in M parameters, of {sorted(SHAPES)}")
     parser.add_argument("--repeats", type=int, default=3, help="timings per path and size; the best is kept")
     parser.add_argument("--bucket-mb", type=int, default=512, help="hybrid.bucket_size_mb (default 512)")
+    parser.add_argument("--phase-iterations", type=int, default=3,
+                        help="iterations of each phase-switch run (the first is not counted; 0 skips them)")
+    parser.add_argument("--phase-weight-sync", default="disk", choices=("disk", "cuda_ipc", "nccl"),
+                        help="hybrid.weight_sync of the phase-switch runs (default: disk, the config's default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "weight_sync.json")
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",") if size]
@@ -149,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-weight-sync-"))
     try:
-        rows = [measure_size(size, args.repeats, args.bucket_mb * 2**20, work) for size in sizes]
+        rows, phase_rows = [], []
+        for size in sizes:
+            rows.append(measure_size(size, args.repeats, args.bucket_mb * 2**20, work))
+            if args.phase_iterations:
+                phase_rows.append(measure_phase_switch(size, args.phase_iterations, args.phase_weight_sync, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - started
@@ -166,10 +240,21 @@ def main(argv: list[str] | None = None) -> int:
               f"| {cell('disk')} (write {row['disk_write_s']:.3f} s) | {cell('tensor')} | {cell('broadcast')} |")
     first = ", ".join(f"{row['broadcast_first_s']:.2f} s" for row in rows)
     print(f"\nfirst broadcast push (group join included): {first}; total run {total:.0f} s")
+    if phase_rows:
+        print(f"\nphase switches (medians over iterations 2..{args.phase_iterations}, weight sync "
+              f"{args.phase_weight_sync}):")
+        print("| parameters | rollout → train (release + onload) | train → rollout (offload + sync) "
+              "| of which weight push | of which swap guard | train step |")
+        print("|---|---|---|---|---|---|")
+        for row, phase in zip(rows, phase_rows):
+            print(f"| {row['parameters'] / 1e6:.0f}M | {phase['rollout_to_train_s']:.3f} s ({phase['release_s']:.3f} + "
+                  f"{phase['onload_s']:.3f}) | {phase['train_to_rollout_s']:.3f} s ({phase['offload_s']:.3f} + "
+                  f"{phase['sync_s']:.3f}) | {phase['weight_sync_s']:.3f} s | {phase['swap_guard_s']:.3f} s "
+                  f"| {phase['train_s']:.3f} s |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs {platform.machine()} {platform.platform()}",
                                     "torch": torch.__version__, "repeats": args.repeats, "total_s": total,
-                                    "rows": rows}, indent=2))
+                                    "rows": rows, "phase_switch_rows": phase_rows}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

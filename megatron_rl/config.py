@@ -65,6 +65,8 @@ class RolloutConfig(Section):
     engine_url: str | None = Field(
         None, description="a running engine (SGLang or `megatron-rl engine serve`); unset: start the embedded engine")
     engine_max_running_requests: int = Field(64, ge=1, description="batch bound of the embedded engine this run starts")
+    engines: int = Field(1, ge=1, description="data-parallel engines this run starts, each owned by its own sidecar; "
+                                              "rollout requests spread over all of them (the rollout master)")
     engine_start_timeout_s: float = Field(300.0, gt=0.0)
     seed: int | None = Field(1234, description="per-request sampling seeds derive from it; unset: unseeded sampling")
     deterministic_inference: bool = Field(

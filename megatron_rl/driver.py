@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,17 +32,17 @@ from megatron_rl.data.synthetic import synthetic_prompt_sets
 from megatron_rl.control.operations import EngineSummary, IterationSummary, RunControl, RunOperation, RunStatus
 from megatron_rl.control.store import store_from_config
 from megatron_rl.errors import RunError, UserError
-from megatron_rl.hybrid.engine_control import EngineControl
+from megatron_rl.hybrid.engine_control import EngineGroup
 from megatron_rl.hybrid.phases import FINAL_PHASES, PhaseOrchestrator
 from megatron_rl.hybrid.swap_guard import ProbeReference, SwapCheck, check_engine, probe_sequences
-from megatron_rl.hybrid.weight_sync import SyncedWeights
+from megatron_rl.hybrid.weight_sync import EnginesLostWeights, SyncedWeights
 from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line, set_aside_after
 from megatron_rl.reward.batch import RewardBackends, RewardRequest, RewardResult, score_batch
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.generation import RolloutFailed, RolloutResult, Sample, StaleWeightsError, generate_samples
 from megatron_rl.rollout.master import RolloutMaster
 from megatron_rl.rollout.partial import IterationResult, PartialRollout, PartialRolloutSettings
-from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.rollout.protocol import EngineLostWeights, SamplingParams
 from megatron_rl.rollout.replay_buffer import ReplayBuffer, decode_state, encode_state
 from megatron_rl.train.checkpoint import RunCheckpoints, read_run_file
 from megatron_rl.train.offload import OffloadResult
@@ -122,18 +123,23 @@ class Driver:
         self.phases = PhaseOrchestrator(self.store, config.control.run_name,
                                         driver_lease_ttl_s=config.control.driver_lease_ttl_s)
         self.phases.start()
-        self.engine_control = EngineControl.from_config(config, run_dir, self.store)
-        self.engine_control.wait_ready()
-        self.engine = EngineClient(self.engine_control.engine_url, timeout=config.rollout.request_timeout_s)
-        # A lost engine is waited for (the sidecar restarts it with the same weights); its requests go again.
-        self.master = RolloutMaster([self.engine], request_timeout=config.rollout.request_timeout_s,
-                                    recover=lambda client, version: self.engine_control.recover(version))
+        self.engines = EngineGroup.from_config(config, run_dir, self.store)
+        self.engines.wait_ready()
+        # Requests spread over the engines; a lost engine's requests go to the others, and when none is up
+        # its sidecar's restart is waited for (it comes back with the same weights, or without pushed ones).
+        self._rollout_interrupt: threading.Event | None = None  # the rollout in progress stops when it is set
+        self._engine_lost_weights = False
+        self.master = RolloutMaster([EngineClient(url, timeout=config.rollout.request_timeout_s)
+                                     for url in self.engines.engine_urls],
+                                    request_timeout=config.rollout.request_timeout_s, recover=self._recover_engine)
         self.partial_rollout = self._partial_rollout()
         self.replay_buffer = ReplayBuffer(run_dir / "replay_buffer")
         self.publish_status("running", 0, None)
-        engine_log = f" (log: {self.engine_control.engine_log})" if self.engine_control.engine_log else ""
+        logs = self.engines.engine_logs
+        engine_log = f" (log: {', '.join(map(str, logs))})" if logs else ""
+        engines = "engine" if len(self.master.engines) == 1 else f"{len(self.master.engines)} engines"
         self.console.print(f"driver: {len(self.train_prompts)} training prompts, {len(self.eval_prompts)} held-out, "
-                           f"engine at {self.engine.base_url}{engine_log}, run directory {run_dir}")
+                           f"{engines} at {', '.join(self.engines.engine_urls)}{engine_log}, run directory {run_dir}")
 
     # --- phases and the engine's lifecycle ------------------------------------------------------------
 
@@ -141,19 +147,36 @@ class Driver:
         self.phases.enter(phase, iteration, weight_version)
 
     def release_engine(self) -> None:
-        self.engine_control.release()
+        self.engines.release()
 
     def prepare_engine_for_weights(self) -> None:
-        self.engine_control.prepare_for_weights()
+        self.engines.prepare_for_weights()
+
+    def _recover_engine(self, client: EngineClient, weight_version: str | None) -> None:
+        """No engine is up: wait for this one's restart. One back without its pushed weights interrupts the
+        rollout (its trajectories are kept) so that the loop pushes them again."""
+        try:
+            self.engines.recover(client.base_url, weight_version)
+        except EngineLostWeights as lost:
+            logger.warning("%s; interrupting the rollout to push it again", lost)
+            self._engine_lost_weights = True
+            if self._rollout_interrupt is not None:
+                self._rollout_interrupt.set()  # before the master fails the waiting requests with this error
+            raise
 
     def load_weights(self, weights: SyncedWeights, probe_reference: ProbeReference | None) -> None:
-        """The engine loads (or records) the synced version, gets the rest of its memory back, and the swap
-        guard checks it scores the probes as the trainer does."""
-        self.engine_control.load(weights)
-        self.engine_control.resume(weights.weight_version)
+        """Every engine loads (or records) the synced version and gets the rest of its memory back, and the
+        swap guard checks each scores the probes as the trainer does (the worst one is reported). Engines the
+        rollout master set aside (restarted without pushed weights) serve again from here."""
+        self.engines.load(weights)
+        self.engines.resume(weights.weight_version)
+        self.master.weights_synced(weights.weight_version)
         if probe_reference is not None:
-            self._swap_check = check_engine(self.engine, self.swap_probes, probe_reference, weights.weight_version,
-                                            self.config.hybrid.swap_guard_threshold)
+            checks = [check_engine(engine, self.swap_probes, probe_reference, weights.weight_version,
+                                   self.config.hybrid.swap_guard_threshold) for engine in self.master.engines]
+            engine_seconds = sum(check.seconds - probe_reference.seconds for check in checks)
+            self._swap_check = replace(max(checks, key=lambda check: check.max_gap),
+                                       seconds=probe_reference.seconds + engine_seconds)
 
     def close(self) -> None:
         self.master.close()
@@ -167,7 +190,7 @@ class Driver:
         except Exception as error:  # closing must go on: the engine is stopped next
             logger.warning("could not mark the run failed in the metadata store: %s", error)
         self.phases.close()
-        self.engine_control.close()
+        self.engines.close()
         if self.reward_pool is not None:
             self.reward_pool.shutdown(cancel_futures=True)
         self.metrics.close()
@@ -223,7 +246,8 @@ class Driver:
 
     @contextmanager
     def _pause_now_watch(self):
-        """An event set as soon as an operator asks for `pause --now` (or `stop --now`) during the rollout."""
+        """An event set as soon as an operator asks for `pause --now` (or `stop --now`) during the rollout (and
+        by `_recover_engine`)."""
         requested, finished = threading.Event(), threading.Event()
 
         def watch() -> None:
@@ -245,17 +269,31 @@ class Driver:
             finished.set()
             watcher.join()
 
-    def collect_batch(self, iteration: int, weight_version: str) -> TrainBatch | None:
+    def collect_batch(self, iteration: int, weight_version: str) -> TrainBatch | EnginesLostWeights | None:
         """Rollout and rewards for `iteration` (1-based) with the engine at `weight_version`. None when an
-        operator's `pause --now` interrupted the rollout: its trajectories wait in the replay buffer."""
+        operator's `pause --now` interrupted the rollout: its trajectories wait in the replay buffer.
+        EnginesLostWeights when an engine restarted without the pushed version: the trajectories wait for
+        the version to be pushed again, then for this call again."""
         config = self.config
         expected = config.data.prompts_per_iteration * config.rollout.samples_per_prompt
-        with self._progress(f"rollout {iteration}", expected) as advance, self._pause_now_watch() as pause_now:
+        answered_before = [engine.completed for engine in self.master.stats()]
+        self._engine_lost_weights = False
+        with self._progress(f"rollout {iteration}", expected) as advance, self._pause_now_watch() as interrupt:
+            self._rollout_interrupt = interrupt
             try:
-                rollout = self.partial_rollout.run_iteration(iteration, weight_version, interrupt=pause_now,
+                rollout = self.partial_rollout.run_iteration(iteration, weight_version, interrupt=interrupt,
                                                              on_trajectory_done=lambda _: advance())
             except (RolloutFailed, StaleWeightsError) as error:
                 raise RunError(str(error)) from None
+            finally:
+                self._rollout_interrupt = None
+        if rollout.interrupted and self._engine_lost_weights:
+            operation = self.pending_operation()
+            if operation is None or not operation.now:  # an operator's pause --now comes first
+                self.console.print(f"driver: rollout {iteration} interrupted: an engine restarted without weight "
+                                   f"version {weight_version}; {len(self.partial_rollout.groups)} prompt groups wait "
+                                   "for it to be pushed again")
+                return EnginesLostWeights(weight_version)
         if rollout.interrupted:
             self.console.print(f"driver: rollout {iteration} interrupted by pause --now; "
                                f"{len(self.partial_rollout.groups)} prompt groups kept in the replay buffer")
@@ -299,7 +337,7 @@ class Driver:
             "response_len_p95": percentile(lengths.tolist(), 0.95),
             "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "degenerate_fraction": sum(s.degenerate for s in samples) / len(samples),
-            **self._rollout_throughput(rollout),
+            **self._rollout_throughput(rollout, answered_before),
             "reward_seconds": time.monotonic() - reward_started,
         }
         if rollout.failed_groups:
@@ -307,12 +345,15 @@ class Driver:
                            len(rollout.failed_groups), rollout.errors[0] if rollout.errors else "?")
         return batch
 
-    def _rollout_throughput(self, rollout: IterationResult) -> dict:
-        """Throughput and partial-rollout bookkeeping of one iteration's rollout."""
+    def _rollout_throughput(self, rollout: IterationResult, answered_before: list[int]) -> dict:
+        """Throughput and partial-rollout bookkeeping of one iteration's rollout (`answered_before`: requests
+        each engine had answered when it began)."""
         return {
             "rollout_tokens_per_s": rollout.output_tokens / rollout.seconds if rollout.seconds > 0 else math.nan,
             "rollout_output_tokens": rollout.output_tokens,
             "engine_busy_fraction": rollout.busy_fraction,
+            "engine_requests": [engine.completed - before  # answered in this rollout, per engine
+                                for engine, before in zip(self.master.stats(), answered_before)],
             "generate_seconds": rollout.seconds,
             "continued_trajectories": rollout.continued_trajectories,
             "carried_over_tokens": rollout.carried_over_tokens,
@@ -391,7 +432,7 @@ class Driver:
                   "iteration_seconds": sum(phase_seconds.values()),
                   "weight_sync_bytes": weights.bytes, "weight_sync_seconds": weights.seconds,
                   "weight_sync_gb_per_s": weights.gigabytes_per_second, "new_weight_version": weights.weight_version,
-                  "engine_restarts": self.engine_control.status().restarts, **offload,
+                  "engine_restarts": sum(status.restarts for status in self.engines.statuses()), **offload,
                   **(self._swap_check.metrics() if self._swap_check is not None else {})}
         self.metrics.write(record)
         self.table.row(record)
@@ -404,13 +445,13 @@ class Driver:
 
     def publish_status(self, state: str, iteration: int, weight_version: str | None, operation=None,
                        message: str | None = None) -> None:
-        engine = self.engine_control.status()
         self.run_control.publish(RunStatus(
             run_name=self.config.control.run_name, run_dir=str(self.run_dir), state=state, driver=self.phases.driver,
             iteration=iteration, weight_version=weight_version, last_checkpoint=self._last_checkpoint,
             recent=self._recent, operation=operation, message=message,
-            engine=EngineSummary(state=engine.state, engine_url=engine.engine_url,
-                                 weight_version=engine.weight_version, restarts=engine.restarts)))
+            engines=[EngineSummary(state=engine.state, engine_url=engine.engine_url,
+                                   weight_version=engine.weight_version, restarts=engine.restarts)
+                     for engine in self.engines.statuses()]))
 
     def pending_operation(self) -> RunOperation | None:
         return self.run_control.pending_operation()

@@ -7,7 +7,9 @@ iteration walks the phases of hybrid/phases.py: rollout → release (the engine'
 trainer's) → train → offload → sync (engine weights resumed, new weights pushed and checked, the rest
 resumed; the swap guard compares the engine's log-probs of probe sequences with the trainer's).
 Weight versions: the engine serves version i-1 while iteration i rolls out, and every sample is
-checked to come from it; training then produces version i.
+checked to come from it; training then produces version i. An engine that crashes and comes back
+without a pushed version (cuda_ipc, nccl) gets version i-1 pushed again mid-rollout (rollout → sync →
+rollout), from the trainer, which still holds it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from megatron_rl.config import Config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hf_checkpoint import SafetensorsReader, read_hf_config, resolve_hf_dir
 from megatron_rl.hybrid.swap_guard import ProbeReference, trainer_reference
-from megatron_rl.hybrid.weight_sync import SyncedWeights, open_weight_sync
+from megatron_rl.hybrid.weight_sync import EnginesLostWeights, SyncedWeights, open_weight_sync
 from megatron_rl.metrics import set_aside_after
 from megatron_rl.train import parallel
 from megatron_rl.train.checkpoint import RunCheckpoints
@@ -66,8 +68,8 @@ def _run_on_rank(config: Config, run_dir: Path, model_dir: Path, checkpoint: Pat
         driver_context = _driver_or_error(group, lambda: Driver(config, run_dir, model_dir, context_length))
         with driver_context as driver:
             on_driver = _on_driver(group, driver)
-            engine_url, probes = on_driver(lambda d: (d.engine_control.engine_url, d.swap_probes))
-            with open_weight_sync(config, run_dir, engine_url) as weight_sync:
+            engine_urls, probes = on_driver(lambda d: (d.engines.engine_urls, d.swap_probes))
+            with open_weight_sync(config, run_dir, engine_urls) as weight_sync:
                 _iterate(config, trainer, offload, checkpoints, checkpoint, weight_sync, on_driver, probes)
 
 
@@ -82,12 +84,12 @@ def _iterate(config: Config, trainer: PolicyTrainer, offload: TrainerOffload | N
         """The swap guard's trainer side, while the trainer holds the weights about to be synced."""
         return trainer_reference(trainer, probes) if probes else None
 
-    def sync(iteration: int, probe_reference: ProbeReference | None) -> SyncedWeights:
-        """Engine weights resumed → version `iteration` pushed and checked → the rest resumed."""
-        phase("sync", iteration, str(iteration))
+    def sync(iteration: int, weight_version: str, probe_reference: ProbeReference | None) -> SyncedWeights:
+        """Engine weights resumed → `weight_version` pushed and checked → the rest resumed."""
+        phase("sync", iteration, weight_version)
         on_driver(lambda d: d.prepare_engine_for_weights())
         # An offloaded trainer's weights are read from its pinned CPU copies.
-        weights = weight_sync.push(trainer, str(iteration), offload.named_parameters() if offload else None)
+        weights = weight_sync.push(trainer, weight_version, offload.named_parameters() if offload else None)
         on_driver(lambda d: d.load_weights(weights, probe_reference))
         return weights
 
@@ -106,7 +108,8 @@ def _iterate(config: Config, trainer: PolicyTrainer, offload: TrainerOffload | N
     if checkpoint is not None:
         trainer.load(checkpoint)  # model, optimizer and LR schedule, resharded to this layout
         start = on_driver(lambda d: d.restore(checkpoint)) + 1
-    startup_weights = sync(start - 1, reference())
+    probe_reference = reference()  # of the weights the engine serves (version start - 1)
+    startup_weights = sync(start - 1, str(start - 1), probe_reference)
     on_driver(lambda d: d.report_startup(startup_weights))
     if start == 1:
         evaluate(0)
@@ -114,6 +117,10 @@ def _iterate(config: Config, trainer: PolicyTrainer, offload: TrainerOffload | N
         served = str(iteration - 1)  # the weight version the engine serves in this rollout
         phase("rollout", iteration, served)
         batch = on_driver(lambda d: d.collect_batch(iteration, weight_version=served))
+        while isinstance(batch, EnginesLostWeights):  # a crashed engine is back without the pushed version
+            sync(iteration, served, probe_reference)  # the trainer still holds it: push it again, roll out on
+            phase("rollout", iteration, served)
+            batch = on_driver(lambda d: d.collect_batch(iteration, weight_version=served))
         phase("release", iteration, served)
         on_driver(lambda d: d.release_engine())
         phase("onload", iteration, served)
@@ -131,7 +138,7 @@ def _iterate(config: Config, trainer: PolicyTrainer, offload: TrainerOffload | N
             save(iteration)  # here, before the devices go back to the engine: the state is all on them
         phase("offload", iteration, served)
         offloaded = offload.offload() if offload else None
-        weights = sync(iteration, probe_reference)
+        weights = sync(iteration, str(iteration), probe_reference)
         on_driver(lambda d: d.finish_iteration(iteration, train_metrics, weights, offloaded, onloaded))
         if (config.eval.interval and iteration % config.eval.interval == 0) or iteration == iterations:
             evaluate(iteration)

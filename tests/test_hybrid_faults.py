@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from etcd_server import etcd_server  # noqa: F401 (a pytest fixture)
 from megatron_rl.cli import main
 from megatron_rl.control import StoreError, run_prefix
@@ -44,9 +46,10 @@ def etcd_run(endpoint: str) -> tuple[str, list[str]]:
 class Striker:
     """Polls the run's phase and sidecar records; once `ready(phase, sidecar)` holds, calls `strike(sidecar)`."""
 
-    def __init__(self, endpoint: str, run_name: str, ready, strike, timeout: float = 240.0):
+    def __init__(self, endpoint: str, run_name: str, ready, strike, timeout: float = 240.0, pod_name: str = "pod-0"):
         self.store = EtcdStore([endpoint], timeout=5.0)
         self.prefix = run_prefix(run_name)
+        self.pod_name = pod_name
         self.ready, self.strike, self.timeout = ready, strike, timeout
         self.struck_at: dict | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -57,7 +60,7 @@ class Striker:
         while time.monotonic() < deadline:
             try:
                 phase = self.store.get_json(self.prefix + "phase")
-                sidecar = self.store.get_json(self.prefix + "sidecars/pod-0")
+                sidecar = self.store.get_json(self.prefix + f"sidecars/{self.pod_name}")
             except StoreError:  # closed by the test while still watching: the run ended without a strike
                 return
             if phase and self.ready(phase, sidecar):
@@ -86,12 +89,22 @@ def rolling_out(iteration: int):
     return ready
 
 
-def test_an_engine_killed_mid_rollout_is_restarted_and_no_sample_is_lost_or_doubled(tmp_path, etcd_server):  # noqa: F811
+@pytest.mark.parametrize(("engines", "weight_sync"), [(1, "disk"), (1, "cuda_ipc"), (2, "disk"), (2, "cuda_ipc")])
+def test_an_engine_killed_mid_rollout_is_restarted_and_no_sample_is_lost_or_doubled(tmp_path, etcd_server,  # noqa: F811
+                                                                                    engines, weight_sync):
+    """One engine: the run waits for its restart; with disk it re-loads the version, with cuda_ipc it lost the
+    pushed version, so the rollout is interrupted, the trainer pushes the version again and the rollout goes
+    on. Two: the killed one's requests finish on the other; with disk it is back at once, with cuda_ipc it
+    sits out the rest of the rollout, back with the next push."""
     run_name, store_overrides = etcd_run(etcd_server.endpoint)
+    # The run's last engine dies while it generates in rollout 2 (the second registers as pod-0-1).
     striker = Striker(etcd_server.endpoint, run_name, rolling_out(2),
-                      lambda sidecar: os.kill(sidecar["engine_pid"], signal.SIGKILL))
+                      lambda sidecar: os.kill(sidecar["engine_pid"], signal.SIGKILL),
+                      pod_name="pod-0" if engines == 1 else "pod-0-1")
     try:
-        code = main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), *SMALL_RUN, *store_overrides])
+        code = main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), *SMALL_RUN,
+                     f"rollout.engines={engines}", f"hybrid.weight_sync={weight_sync}", *store_overrides])
+        transitions = striker.store.get_prefix(run_prefix(run_name) + "transitions/00000002/")
     finally:
         striker.close()
     assert striker.struck_at is not None, "the engine was never seen generating in rollout 2"
@@ -104,9 +117,17 @@ def test_an_engine_killed_mid_rollout_is_restarted_and_no_sample_is_lost_or_doub
     assert sorted((r["group_id"], r["sample_index"]) for r in rollout) == [
         (group, sample) for group in range(PROMPTS, 2 * PROMPTS) for sample in range(SAMPLES)]
     assert (metrics[1]["samples"], metrics[1]["failed_groups"]) == (PROMPTS * SAMPLES, 0)
-    # The restarted engine serves the trainer's weights again (version 1): its log-probs agree.
+    # Every sample came from the trainer's weights (version 1): their log-probs agree.
     assert {version for r in rollout for version in r["weight_versions"]} == {"1"}
-    assert metrics[1]["rollout_logprob_gap"] < 1e-3
+    assert all(m["rollout_logprob_gap"] < 1e-3 for m in metrics)
+    phases = [key.rsplit("-", 1)[-1] for key in sorted(transitions)]
+    if (engines, weight_sync) == (1, "cuda_ipc"):  # version 1 pushed again in the middle of rollout 2
+        assert phases[:3] == ["rollout", "sync", "rollout"]
+        assert metrics[1]["swap_guard_mean_gap"] < 1e-4
+    else:
+        assert phases[:2] == ["rollout", "release"]
+    if engines == 2:  # both served rollout 1, and rollout 3 again (the restarted one is back in use)
+        assert min(metrics[0]["engine_requests"]) > 0 and min(metrics[2]["engine_requests"]) > 0
 
 
 def test_a_killed_sidecar_is_seen_dead_through_its_lease_and_stops_the_run_clearly(tmp_path, etcd_server, capsys):  # noqa: F811

@@ -4,6 +4,7 @@ segments."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -174,6 +175,28 @@ def test_the_iteration_budget_stops_running_requests_and_their_groups_finish_lat
             assert trajectory.response_ids[: len(saved.get((group.group_id, trajectory.sample_index), []))] == \
                 saved.get((group.group_id, trajectory.sample_index), [])  # continued, not restarted
             assert [s.iteration for s in trajectory.segments] == sorted({s.iteration for s in trajectory.segments})
+
+
+def test_an_interrupted_iteration_tried_again_draws_no_more_groups_and_loses_no_token(batched_engine):
+    """What pause --now + resume and a re-pushed engine do: the same iteration again, after an interruption."""
+    prompts = [encoded(index) for index in range(8)]
+    settings = PartialRolloutSettings(samples_per_prompt=2, groups_per_iteration=3, max_new_tokens=40)
+    interrupt = threading.Event()
+    with RolloutMaster([batched_engine]) as master:
+        rollout = PartialRollout(master, prompts, PromptSampler(len(prompts), seed=3), greedy(40), settings, decode)
+        first = rollout.run_iteration(1, "default", interrupt=interrupt,
+                                      on_trajectory_done=lambda _: interrupt.set())  # stop at the first finish
+        # Every group drawn stays, finished or not, for the next attempt.
+        assert first.interrupted and {g.group_id for g in rollout.groups} == set(range(rollout.next_group_id))
+        kept = {(g.group_id, t.sample_index): list(t.response_ids) for g in rollout.groups for t in g.trajectories}
+        assert 0 < sum(len(tokens) for tokens in kept.values()) < 3 * 2 * 40
+        again = rollout.run_iteration(1, "default")
+    assert sorted(group.group_id for group in again.finished_groups) == [0, 1, 2] and rollout.next_group_id == 3
+    assert again.new_groups == 3 and rollout.groups == []
+    for trajectory in again.trajectories():
+        assert trajectory.response_length == 40  # nothing lost or doubled
+        before = kept.get((trajectory.group_id, trajectory.sample_index), [])  # (a group drawn only now: none)
+        assert trajectory.response_ids[:len(before)] == before  # continued, not restarted
 
 
 def test_repeat_detection_ends_a_looping_sample_at_the_next_segment_boundary(batched_engine):

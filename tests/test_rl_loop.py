@@ -139,6 +139,31 @@ def test_the_in_memory_weight_paths_run_the_loop_and_pass_the_swap_guard(tmp_pat
     assert not any(shm_dir.iterdir())
 
 
+@pytest.mark.parametrize("weight_sync", ["cuda_ipc", "nccl"])
+def test_two_engines_share_every_rollout_and_each_gets_every_pushed_version(tmp_path, weight_sync):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--run-dir", str(run_dir), "--iterations", "2", "rollout.engines=2",
+                 f"hybrid.weight_sync={weight_sync}", "data.prompts_per_iteration=8",
+                 "train.optimizer_steps_per_iteration=2", "hybrid.swap_guard_threshold=1e-4"]) == 0
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    # Each engine answered part of each rollout; the swap guard checked both after every push.
+    assert all(min(m["engine_requests"]) > 0 and sum(m["engine_requests"]) == m["samples"] for m in metrics)
+    assert all(m["swap_guard_mean_gap"] < 1e-4 and m["rollout_logprob_gap"] < 1e-3 for m in metrics)
+    status = json.loads((run_dir / "control" / "status.json").read_text())
+    assert [(engine["state"], engine["weight_version"]) for engine in status["engines"]] == [("ready", "2")] * 2
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("rollout.engine_url=http://127.0.0.1:1", "rollout.engines=2 starts that many engines in this run; "
+                                              "rollout.engine_url names one that runs elsewhere"),
+    ("rollout.engine=sglang", "rollout.engines=2 is for the embedded engine; for data-parallel SGLang keep "
+                              "rollout.engines=1 and pass --dp-size N"),
+])
+def test_more_engines_than_one_where_they_cannot_be_started_is_refused_by_name(tmp_path, capsys, override, message):
+    assert main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), "rollout.engines=2", override]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_push_path_with_the_restart_lifecycle_is_refused_by_name(tmp_path, capsys):
     assert main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), "hybrid.weight_sync=nccl",
                  "hybrid.engine_lifecycle=restart"]) == 2

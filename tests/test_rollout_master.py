@@ -159,3 +159,32 @@ def test_with_no_engine_left_recover_brings_one_back_or_the_requests_fail(model,
     finally:
         for process in (engine, *recovered):
             process.stop()
+
+
+def test_an_engine_back_without_the_expected_weights_gets_no_requests_until_it_serves_them(model, tmp_path):
+    """What a pushed weight version (cuda_ipc, nccl) meets: the engine restarted after a crash serves other
+    weights. It must stay out, not fail the requests as stale; the next sync lets it back in."""
+    port = free_port()
+    engines = [start_engine(model, tmp_path / "engine-0.log", port), start_engine(model, tmp_path / "engine-1.log")]
+    restarted = None
+    try:
+        clients = [EngineClient(engine.url, timeout=60) for engine in engines]
+        for client in clients:
+            client.update_weight_version("v1")
+        with RolloutMaster(clients, probe_interval=0.2) as master:
+            first = [master.submit(generate_request(i, 40), weight_version="v1") for i in range(8)]
+            wait_for(lambda: stats(clients[0])["num_running_reqs"] > 0, "engine 0 generating")
+            engines[0].process.kill()
+            assert all(f.result(timeout=120).result.finish_reason == "length" for f in first)
+            restarted = start_engine(model, tmp_path / "engine-0-again.log", port)  # "default" weights
+            waited = [master.submit(generate_request(i, 30), weight_version="v1") for i in range(8, 14)]
+            assert all(f.result(timeout=120).engine_url == clients[1].base_url for f in waited)
+            state = {engine.url: engine for engine in master.stats()}
+            assert not state[clients[0].base_url].up
+            clients[0].update_weight_version("v1")  # the next sync reached it
+            wait_for(lambda: {e.url: e for e in master.stats()}[clients[0].base_url].up, "engine 0 taken back")
+            later = [master.submit(generate_request(i, 30), weight_version="v1") for i in range(14, 20)]
+            assert {f.result(timeout=120).engine_url for f in later} == {clients[0].base_url, clients[1].base_url}
+    finally:
+        for process in (*engines, *([restarted] if restarted else [])):
+            process.stop()

@@ -117,8 +117,7 @@ def _status(args: argparse.Namespace) -> int:
     print(f"driver     {status.driver}; updated {status.updated_at}")
     print(f"iteration  {status.iteration}; weight version {status.weight_version or '-'}")
     print(f"checkpoint {status.last_checkpoint or 'none yet'}")
-    if status.engine is not None:
-        engine = status.engine
+    for engine in status.engines:
         print(f"engine     {engine.state} at {engine.engine_url}, weight version {engine.weight_version or '-'}, "
               f"{engine.restarts} restart(s)")
     if pending is not None:
@@ -143,15 +142,18 @@ def _request(args: argparse.Namespace) -> int:
     if pending is not None:
         raise UserError(f"run {args.run} already has a pending {pending.op} (requested {pending.requested_at}); "
                         "wait for it")
+    if args.kubernetes:
+        from megatron_rl.control.kubernetes import JobControl
+
+        job = args.job or status.run_name
+        jobs = JobControl(args.namespace)
+        jobs.suspended(job)  # before the run is asked: a Job that cannot be suspended leaves the run untouched
     control.request(RunOperation(op=args.action, now=args.now))
     when = ("now (a rollout in progress is interrupted; its partial trajectories are kept)" if args.now
             else "after its current iteration")
     print(f"{args.action} requested: run {args.run} stops {when}, with a checkpoint")
     if args.kubernetes:
-        from megatron_rl.control.kubernetes import JobControl
-
-        job = args.job or status.run_name
-        JobControl(args.namespace).wait_for_state_then_suspend(job, control, want=("paused", "stopped"))
+        jobs.wait_for_state_then_suspend(job, control, want=("paused", "stopped"))
         print(f"job {args.namespace}/{job} suspended: its pods are gone and their GPUs free")
     return 0
 

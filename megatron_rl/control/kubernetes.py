@@ -21,7 +21,7 @@ def _client_module():
 
 
 class JobControl:
-    """Suspend / resume one namespace's Jobs (`spec.suspend`, Kubernetes ≥ 1.24)."""
+    """Suspend / resume one namespace's Jobs (`spec.suspend`, Kubernetes ≥ 1.22)."""
 
     def __init__(self, namespace: str, api_client=None):
         kubernetes = _client_module()
@@ -48,19 +48,27 @@ class JobControl:
                                 "get and patch on jobs there (the Helm chart's Role grants them)") from None
             raise RunError(f"could not {what} job {self.namespace}/{job}: HTTP {error.status} {error.reason}") from None
 
+    def _suspend_field(self, found, job: str) -> bool:
+        # Servers that know the field default it to false; an older one (or 1.21 without its feature gate)
+        # drops it without an error, and the Job would keep its pods and GPUs.
+        if found.spec.suspend is None:
+            raise UserError(f"the API server does not support spec.suspend on job {self.namespace}/{job}: suspending "
+                            "Jobs needs Kubernetes >= 1.22 (1.21 with the SuspendJob feature gate); pause without "
+                            "--kubernetes, then delete the Job to free its GPUs and reinstall the chart to resume")
+        return found.spec.suspend
+
     def suspended(self, job: str) -> bool:
-        found = self._call("read", job, lambda: self.batch.read_namespaced_job(job, self.namespace))
-        return bool(found.spec.suspend)
+        return self._suspend_field(self._call("read", job, lambda: self.batch.read_namespaced_job(job, self.namespace)), job)
 
     def set_suspended(self, job: str, suspended: bool) -> None:
-        self._call("patch", job, lambda: self.batch.patch_namespaced_job(
-            job, self.namespace, {"spec": {"suspend": suspended}}))
+        self._suspend_field(self._call("patch", job, lambda: self.batch.patch_namespaced_job(
+            job, self.namespace, {"spec": {"suspend": suspended}})), job)
 
     def wait_for_state_then_suspend(self, job: str, control: RunControl, want: tuple[str, ...],
                                     timeout: float = 3600.0, poll: float = 2.0) -> None:
         """Suspend `job` once the run reports one of `want` (its checkpoint is then complete): suspending
-        sooner would delete the pods before they save it."""
-        self.suspended(job)  # fail now, not in an hour, if the Job is not there or not ours to touch
+        sooner would delete the pods before they save it. Call `suspended(job)` before requesting the pause: it
+        fails at once if the Job is missing, not ours to touch, or cannot be suspended on this cluster."""
         deadline = time.monotonic() + timeout
         while True:
             status = control.status()

@@ -66,7 +66,7 @@ class RunStatus(BaseModel):
     last_checkpoint: str | None = None
     recent: list[IterationSummary] = []  # the last few iterations, oldest first
     operation: RunOperation | None = None  # the last operation carried out
-    engine: EngineSummary | None = None
+    engines: list[EngineSummary] = []  # the run's rollout engines (rollout.engines)
     message: str | None = None
     updated_at: str = Field(default_factory=utc_now)
 

@@ -1,4 +1,4 @@
-"""The driver's handle on the rollout engine: its lifecycle between phases, weight loads, recovery.
+"""The driver's handle on the rollout engines: their lifecycle between phases, weight loads, recovery.
 
 Three ways to reach an engine, one interface (`EngineControl`):
 - an in-process sidecar (the default: `make run`, tests) that starts the embedded engine or SGLang;
@@ -10,6 +10,9 @@ The lifecycle (`hybrid.engine_lifecycle`):
   after it resume the rest (KV cache, CUDA graphs) — the order peers found not to run out of memory;
 - restart: after rollout stop the engine; the new weights are handed to the stopped sidecar, which
   loads them when it starts the engine again (k1.5's original lifecycle).
+
+`EngineGroup` holds the run's data-parallel engines (`rollout.engines`, each behind its own in-process
+sidecar) and applies every lifecycle step to all of them; the rollout master spreads requests over them.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from megatron_rl.hybrid.sidecar_protocol import (
 )
 from megatron_rl.hybrid.weight_sync import SyncedWeights
 from megatron_rl.rollout.client import EngineClient
-from megatron_rl.rollout.protocol import EngineError
+from megatron_rl.rollout.protocol import EngineError, EngineLostWeights
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,8 @@ class EngineControl:
         self.lifecycle = config.hybrid.engine_lifecycle
 
     @classmethod
-    def from_config(cls, config: Config, run_dir: Path, store: MetadataStore) -> EngineControl:
+    def from_config(cls, config: Config, run_dir: Path, store: MetadataStore, index: int = 0) -> EngineControl:
+        """Engine `index` of the run's `rollout.engines` (only an in-process sidecar's can be more than one)."""
         rollout, hybrid = config.rollout, config.hybrid
         if rollout.engine_url:
             if hybrid.engine_lifecycle == "restart":
@@ -119,10 +123,11 @@ class EngineControl:
         from megatron_rl.hybrid.sidecar import sidecar_from_config
         from megatron_rl.hybrid.sidecar_metadata import SidecarRegistration
 
-        sidecar = sidecar_from_config(config, run_dir).start()
+        sidecar = sidecar_from_config(config, run_dir, index=index).start()
         registration = SidecarRegistration(sidecar, lambda: store, run_name=config.control.run_name,
                                            lease_ttl_s=hybrid.sidecar_lease_ttl_s, close_store=False).start()
-        return cls(sidecar, config, store, owned=[registration, sidecar], engine_log=Path(run_dir) / "engine.log")
+        return cls(sidecar, config, store, owned=[registration, sidecar],
+                   engine_log=Path(run_dir) / ("engine.log" if index == 0 else f"engine-{index}.log"))
 
     @property
     def engine_url(self) -> str:
@@ -174,16 +179,18 @@ class EngineControl:
         """After a request found the engine gone: wait until it is back (the sidecar restarts it and
         re-loads `weight_version`; a remote sidecar that is itself gone may be restarted with its pod's
         rollout container meanwhile), or fail the run with what is known (rollout.engine_start_timeout_s).
-        Pushed weights (hybrid.weight_sync cuda_ipc or nccl) are gone with the engine: the run stops."""
+        Pushed weights (hybrid.weight_sync cuda_ipc or nccl) are gone with the engine: once it is back,
+        `EngineLostWeights` asks the caller to push them again. (The master calls this only when no engine
+        is up; while another is, it keeps the restarted one out until the next push reaches it.)"""
         if self.config.hybrid.weight_sync == "disk":
             self.wait_ready(weight_version)
             return
         status = self.wait_ready(None)
         if status.weight_version != weight_version:
-            raise RunError(f"the engine restarted and lost weight version {weight_version}, which the trainer pushed "
-                           f"into it (hybrid.weight_sync={self.config.hybrid.weight_sync}: nothing on disk to re-load "
-                           "mid-rollout). Continue the run from its last checkpoint (megatron-rl train --run-dir DIR "
-                           "--resume); hybrid.weight_sync=disk recovers in place")
+            raise EngineLostWeights(f"the engine at {status.engine_url} restarted and lost weight version "
+                                    f"{weight_version}, which the trainer pushed into it "
+                                    f"(hybrid.weight_sync={self.config.hybrid.weight_sync})",
+                                    weight_version=weight_version, url=status.engine_url)
 
     def close(self) -> None:
         for owned in self._owned:
@@ -208,3 +215,78 @@ class EngineControl:
                         f"; its record {key} is gone: the sidecar's lease expired, so it is dead — restart the "
                         "pod's rollout container (megatron-rl sidecar)")
         return message
+
+
+class EngineGroup:
+    """The run's engines, each behind its EngineControl; every lifecycle step goes to all of them, in turn."""
+
+    def __init__(self, controls: list[EngineControl]):
+        self.controls = controls
+        self._engine_urls: list[str] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, run_dir: Path, store: MetadataStore) -> EngineGroup:
+        count = config.rollout.engines
+        if count > 1 and (config.rollout.engine_url or config.hybrid.sidecar_url):
+            where = "rollout.engine_url" if config.rollout.engine_url else "hybrid.sidecar_url"
+            raise UserError(f"rollout.engines={count} starts that many engines in this run; {where} names one that "
+                            f"runs elsewhere. Unset {where}, or set rollout.engines=1")
+        if count > 1 and config.rollout.engine == "sglang":
+            # Each would claim the same GPUs; SGLang spreads one server over its GPUs data-parallel itself.
+            raise UserError(f"rollout.engines={count} is for the embedded engine; for data-parallel SGLang keep "
+                            "rollout.engines=1 and pass --dp-size N in rollout.sglang_args")
+        controls: list[EngineControl] = []
+        try:  # every engine starts before any is waited for: they load their weights at once
+            for index in range(count):
+                controls.append(EngineControl.from_config(config, run_dir, store, index=index))
+        except BaseException:
+            for control in controls:
+                control.close()
+            raise
+        return cls(controls)
+
+    @property
+    def engine_urls(self) -> list[str]:
+        # Asked once: a remote sidecar tells its engine's (fixed) address only while it answers.
+        if self._engine_urls is None:
+            self._engine_urls = [control.engine_url for control in self.controls]
+        return self._engine_urls
+
+    @property
+    def engine_logs(self) -> list[Path]:
+        return [control.engine_log for control in self.controls if control.engine_log is not None]
+
+    def statuses(self) -> list[SidecarStatus]:
+        return [control.status() for control in self.controls]
+
+    def wait_ready(self, weight_version: str | None = None) -> None:
+        for control in self.controls:
+            control.wait_ready(weight_version)
+
+    def release(self) -> None:
+        for control in self.controls:
+            control.release()
+
+    def prepare_for_weights(self) -> None:
+        for control in self.controls:
+            control.prepare_for_weights()
+
+    def load(self, weights: SyncedWeights) -> None:
+        """Every engine loads (or records) the version; `weights.load_seconds` is their total."""
+        total = 0.0
+        for control in self.controls:
+            control.load(weights)
+            total += weights.load_seconds
+        weights.load_seconds = total
+
+    def resume(self, weight_version: str) -> None:
+        for control in self.controls:
+            control.resume(weight_version)
+
+    def recover(self, engine_url: str, weight_version: str) -> None:
+        """The engine at `engine_url` is gone and no other is up: wait for it (EngineControl.recover)."""
+        self.controls[self.engine_urls.index(engine_url)].recover(weight_version)
+
+    def close(self) -> None:
+        for control in self.controls:
+            control.close()

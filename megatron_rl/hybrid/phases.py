@@ -8,7 +8,8 @@ Trainer and engine share the devices, so a run is always in exactly one phase:
 - sync: the engine's weights are resumed, the new weight version is pushed and checked, then its KV
   cache is resumed (this order is the one that does not run out of memory);
 - eval: greedy answers to the held-out prompts (every `eval.interval` iterations, first and last);
-- rollout: the engine generates with the weight version of the phase record;
+- rollout: the engine generates with the weight version of the phase record (an engine that crashed and
+  lost its pushed weights has the same version pushed again: rollout → sync → rollout);
 - release: the engine releases its memory (or is stopped, `hybrid.engine_lifecycle=restart`);
 - onload / offload: the trainer's state moves to / from the devices (train/offload.py);
 - train: the optimizer steps of the iteration;
@@ -47,7 +48,7 @@ NEXT_PHASES: dict[str, tuple[str, ...]] = {
     "starting": ("sync",),
     "sync": ("eval", "rollout", "paused", "done"),
     "eval": ("rollout", "paused", "done"),
-    "rollout": ("release",),
+    "rollout": ("release", "sync"),  # sync: a crashed engine lost its pushed weights mid-rollout
     "release": ("onload",),
     "onload": ("train", "checkpoint"),  # checkpoint: a rollout interrupted by `pause --now`
     "train": ("checkpoint", "offload"),

@@ -539,16 +539,17 @@ def _state_hint(state: SidecarState) -> str:
             "starting": " (still starting; see the engine log)"}.get(state, "")
 
 
-def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | None = None) -> Sidecar:
+def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | None = None, index: int = 0) -> Sidecar:
     """A sidecar for model.hf_path served by rollout.engine, with hybrid.* settings; its engine log is
-    `log_dir/engine.log`. Call `start()` on it."""
+    `log_dir/engine.log`. Engine `index` > 0 of a run's `rollout.engines` logs to engine-INDEX.log and is
+    named POD-INDEX in the run's metadata. Call `start()` on it."""
     from megatron_rl.hf_checkpoint import resolve_hf_dir
 
     if config.model.hf_path is None:
         raise UserError("model.hf_path is not set; the sidecar serves that model (an HF directory or builtin:NAME)")
     model_dir = resolve_hf_dir(config.model.hf_path)
     rollout = config.rollout
-    log_path = Path(log_dir) / "engine.log"
+    log_path = Path(log_dir) / ("engine.log" if index == 0 else f"engine-{index}.log")
     # SGLang's flag for batch-invariant kernels; the embedded engine takes the same one.
     deterministic = ("--enable-deterministic-inference",) if rollout.deterministic_inference else ()
     if rollout.engine == "sglang":
@@ -562,6 +563,7 @@ def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | Non
                                          max_running_requests=rollout.engine_max_running_requests)
 
     hybrid = config.hybrid
-    return Sidecar(make_engine, pod_name=hybrid.pod_name, engine_kind=rollout.engine, engine_port=engine_port,
+    pod_name = hybrid.pod_name if index == 0 else f"{hybrid.pod_name}-{index}"
+    return Sidecar(make_engine, pod_name=pod_name, engine_kind=rollout.engine, engine_port=engine_port,
                    max_engine_restarts=hybrid.max_engine_restarts, start_timeout_s=rollout.engine_start_timeout_s,
                    control_timeout_s=rollout.request_timeout_s)

@@ -271,7 +271,9 @@ class DistributedWeightSync(_EngineWeightPush):
         from megatron.core import parallel_state
 
         self._joins += 1
-        name = f"megatron-rl-weights-pp{parallel_state.get_pipeline_model_parallel_rank()}-{self._joins}"
+        # Unique in this process, which may push to several engines: one group per engine, stage and join.
+        engine_port = urllib.parse.urlsplit(self.engine.base_url).port
+        name = f"megatron-rl-weights-{engine_port}-pp{parallel_state.get_pipeline_model_parallel_rank()}-{self._joins}"
         world_size = 1 + engine_tp_size(self.engine)
         address = self.master_address or local_address_towards(self.engine.base_url)
         port = free_port(address)

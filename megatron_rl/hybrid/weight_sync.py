@@ -11,7 +11,9 @@ returning `SyncedWeights`; the driver then has the engine's controller load or r
   re-load it after an engine crash.
 - `cuda_ipc` and `nccl` (hybrid/weight_push.py): buckets handed to the engine by handle
   (`update_weights_from_tensor`) or broadcast to it (`update_weights_from_distributed`). Nothing is on
-  disk: an engine that crashes loses the version, and the run stops (its checkpoint resumes it).
+  disk: an engine that crashes loses the version. Its rollout is then interrupted (its trajectories are
+  kept), the driver answers `EnginesLostWeights`, and the loop pushes the same version again (the trainer
+  still holds it) and rolls out on.
 """
 from __future__ import annotations
 
@@ -43,6 +45,14 @@ class SyncedWeights:
     @property
     def gigabytes_per_second(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EnginesLostWeights:
+    """A rollout's answer when an engine came back from a crash without the version pushed into it: push
+    `weight_version` again, then roll out the same iteration on (its trajectories were kept)."""
+
+    weight_version: str
 
 
 class DiskWeightSync:
@@ -81,8 +91,31 @@ class DiskWeightSync:
         self.close()
 
 
-def open_weight_sync(config, run_dir: Path, engine_url: str):
-    """The path `hybrid.weight_sync` names, for the engine at `engine_url` (push paths talk to it directly)."""
+class PushToEach:
+    """A push path to several engines: the version goes to each in turn (collective, as one push is)."""
+
+    def __init__(self, pushes: list):
+        self.pushes = pushes
+
+    def push(self, trainer, weight_version: str, named_parameters=None) -> SyncedWeights:
+        pushed = [push.push(trainer, weight_version, named_parameters) for push in self.pushes]
+        return SyncedWeights(weight_version, None, sum(result.bytes for result in pushed),
+                             sum(result.write_seconds for result in pushed), buckets=sum(result.buckets for result in pushed))
+
+    def close(self) -> None:
+        for push in self.pushes:
+            push.close()
+
+    def __enter__(self) -> PushToEach:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_weight_sync(config, run_dir: Path, engine_urls: list[str]):
+    """The path `hybrid.weight_sync` names, for the engines at `engine_urls`: the disk path writes once for
+    all (each engine loads the directory); push paths talk to every engine directly."""
     hybrid = config.hybrid
     bucket_bytes = hybrid.bucket_size_mb * 2**20
     if hybrid.weight_sync == "disk":
@@ -90,4 +123,5 @@ def open_weight_sync(config, run_dir: Path, engine_url: str):
     from megatron_rl.hybrid.weight_push import DistributedWeightSync, TensorWeightSync
 
     kind = TensorWeightSync if hybrid.weight_sync == "cuda_ipc" else DistributedWeightSync
-    return kind(engine_url, bucket_bytes, timeout=config.rollout.request_timeout_s)
+    pushes = [kind(url, bucket_bytes, timeout=config.rollout.request_timeout_s) for url in engine_urls]
+    return pushes[0] if len(pushes) == 1 else PushToEach(pushes)

@@ -51,7 +51,7 @@ from megatron_rl.rollout.embedded_engine import (
 )
 from megatron_rl.rollout.protocol import (
     AbortRequestBody, BeginWeightUpdateBody, ContinueGenerationBody, DestroyWeightsUpdateGroupBody,
-    EndWeightUpdateBody, GenerateBody, InitWeightsUpdateGroupBody, PauseGenerationBody, ReleaseMemoryOccupationBody,
+    EndWeightUpdateBody, ErrorBody, ErrorDetail, GenerateBody, InitWeightsUpdateGroupBody, PauseGenerationBody, ReleaseMemoryOccupationBody,
     ResumeMemoryOccupationBody, SamplingParams, UpdateWeightsFromDiskBody, UpdateWeightsFromDistributedBody,
     UpdateWeightsFromTensorBody, UpdateWeightVersionBody, WeightControlResult, describe_validation_error,
 )
@@ -107,7 +107,7 @@ def create_app(engine: EmbeddedEngine) -> FastAPI:
     app = FastAPI(title="megatron-rl embedded engine", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": message}}, status_code=status)
+        return JSONResponse(ErrorBody(error=ErrorDetail(message=message)).model_dump(), status_code=status)
 
     @app.exception_handler(HTTPFailure)
     async def _failure(request: Request, exc: HTTPFailure):

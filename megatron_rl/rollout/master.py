@@ -9,10 +9,11 @@ a request always goes to the engine that frees up first instead of queueing behi
 Failures, per request:
 - the engine is gone (connection refused or broken: it died): the engine is marked down and the request
   goes back to the front of the queue, to be sent to another engine (from the start: a broken connection
-  returns nothing). A down engine is probed every `probe_interval` s and used again once it answers. When
-  no engine is up, `recover(engine, weight_version)` (e.g. the sidecar waiting for its engine's restart)
-  is called and must return once the engine is back, or raise; without it the queued requests fail with
-  `RolloutFailed`. A request that loses its engine more than MAX_ENGINE_LOSSES_PER_REQUEST times fails too.
+  returns nothing). A down engine is probed every `probe_interval` s and used again once it answers with
+  the weight version of the newest request (one restarted without its pushed weights stays out until the
+  next weight sync reaches it: `weights_synced`). When no engine is up, `recover(engine, weight_version)`
+  (e.g. the sidecar waiting for its engine's restart) is called and must return once the engine is back,
+  or raise (the queued requests then fail with its error); without it they fail with `RolloutFailed`. A request that loses its engine more than MAX_ENGINE_LOSSES_PER_REQUEST times fails too.
 - no answer within `request_timeout` s: the request is aborted on that engine and retried once elsewhere;
 - an error answer: 4xx fails the request at once (it would fail again), others are retried once elsewhere;
 - the answer carries another weight version than the caller expects: `StaleWeightsError`.
@@ -94,6 +95,7 @@ class _Engine:
     completed: int = 0
     lost: int = 0
     last_probe: float = 0.0
+    refused_version: str | None = None  # the weight version it came back with, while that is not wanted
     busy_slot_seconds: float = 0.0
     last_change: float = field(default_factory=time.monotonic)
 
@@ -144,6 +146,7 @@ class RolloutMaster:
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._jobs: dict[Future, _Job] = {}
+        self._latest_weight_version: str | None = None  # of the newest request that names one
         self._closed = False
         self._aborter: threading.Thread | None = None
         # What the bench plots: (time, requests running on all engines) at every change.
@@ -177,6 +180,8 @@ class RolloutMaster:
                 raise RuntimeError("the rollout master is closed")
             self._jobs[future] = job
             self._queue.append(job)
+            if weight_version is not None:
+                self._latest_weight_version = weight_version
             self._cond.notify_all()
         return future
 
@@ -217,6 +222,15 @@ class RolloutMaster:
         if seconds <= 0:
             return 0.0
         return (self.busy_slot_seconds() - since_slot_seconds) / (seconds * total_slots)
+
+    def weights_synced(self, weight_version: str) -> None:
+        """Every engine was just given `weight_version` (a weight sync): the engines marked down that answer
+        with it are used again now, not after their next probe."""
+        with self._cond:
+            self._latest_weight_version = weight_version
+            down = [engine for engine in self._engines if not engine.up]
+        for engine in down:
+            self._probe(engine)
 
     def stats(self) -> list[EngineStats]:
         now = time.monotonic()
@@ -368,14 +382,24 @@ class RolloutMaster:
             self._fail(job, failure)
 
     def _probe(self, engine: _Engine) -> None:
+        probe = EngineClient(engine.client.base_url, timeout=min(5.0, self.probe_interval))
         try:
-            back = EngineClient(engine.client.base_url, timeout=min(5.0, self.probe_interval)).health()
+            if not probe.health():
+                return
+            serving = probe.weight_version()
         except EngineError:
-            back = False
-        if back:
-            with self._cond:
-                self._mark_up(engine)
-            logger.warning("engine %s answers again; sending it requests", engine.client.base_url)
+            return
+        with self._cond:
+            wanted = self._latest_weight_version
+            if wanted is not None and serving != wanted:
+                if engine.refused_version != serving:
+                    logger.warning("engine %s is back with weight version %s, not %s; it gets no requests until it "
+                                   "serves %s", engine.client.base_url, serving, wanted, wanted)
+                engine.refused_version = serving
+                return
+            engine.refused_version = None
+            self._mark_up(engine)
+        logger.warning("engine %s answers again; sending it requests", engine.client.base_url)
 
     def _mark_up(self, engine: _Engine) -> None:
         if not engine.up:

@@ -21,8 +21,10 @@ One iteration (`run_iteration`), against a `RolloutMaster` that spreads requests
   there (finish_reason "repeat", degenerate), instead of spending the rest of its budget;
 - a request that fails (after the master's retries) drops its group, counted with its tokens as wasted;
   a stale weight version or no engine left fails the rollout;
-- `interrupt` (an operator's `pause --now`) stops every request at once; the iteration hands nothing to
-  training and every group it touched, finished or not, stays for the next attempt.
+- `interrupt` (an operator's `pause --now`, or an engine that came back without its pushed weights) stops
+  every request at once; the iteration hands nothing to training and every group it touched, finished or
+  not, stays for the next attempt (a request that fails once it is set is kept as it was, not dropped),
+  whose budgets count the groups and tokens the interrupted attempt already drew and generated.
 
 Training on a trajectory whose early segments came from older weights (`old_segment_loss`):
 "mask" gives those tokens loss_mask 0 (they still condition the current segment and count for the
@@ -252,7 +254,9 @@ class _Iteration:
         self.groups_by_id = {group.group_id: group for group in groups}
         self.finished_groups: list[Group] = []
         self.failed_groups: list[Group] = []
-        self.new_groups = 0
+        # What an earlier, interrupted attempt at this iteration drew and generated counts against its budgets.
+        self.new_groups = sum(group.started_iteration == iteration for group in groups)
+        self.earlier_attempt_tokens = sum(t.tokens_in(iteration) for group in groups for t in group.trajectories)
         self.output_tokens = 0
         self.stopped_requests = 0
         self.resent_tokens = 0
@@ -308,7 +312,7 @@ class _Iteration:
 
     def _budget_spent(self) -> bool:
         budget = self.settings.iteration_token_budget
-        return (budget is not None and self.output_tokens >= budget
+        return (budget is not None and self.earlier_attempt_tokens + self.output_tokens >= budget
                 and len(self.finished_groups) >= self.settings.groups_per_iteration)
 
     def _may_start_group(self) -> bool:
@@ -373,6 +377,8 @@ class _Iteration:
         try:
             completed = future.result()
         except EngineError as error:  # this request failed for good (the master retried): drop its group
+            if self.interrupt is not None and self.interrupt.is_set():
+                return  # failed as the iteration is interrupted (the engine that lost its weights): kept, unchanged
             self.failed_requests += 1
             self.errors.append(str(error))
             if not group.failed:

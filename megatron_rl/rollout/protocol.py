@@ -45,6 +45,15 @@ class EngineConnectionLost(EngineError):
     """The connection broke before an answer came: the engine most likely died mid-request."""
 
 
+class EngineLostWeights(EngineError):
+    """The engine came back from a crash without the weight version pushed into it (hybrid.weight_sync
+    cuda_ipc or nccl): nothing on its side can restore it, the trainer must push it again."""
+
+    def __init__(self, message: str, *, weight_version: str, url: str = ""):
+        super().__init__(message, url=url)
+        self.weight_version = weight_version
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------------
