@@ -67,6 +67,9 @@ class RolloutConfig(Section):
     engine_max_running_requests: int = Field(64, ge=1, description="batch bound of the embedded engine this run starts")
     engines: int = Field(1, ge=1, description="data-parallel engines this run starts, each owned by its own sidecar; "
                                               "rollout requests spread over all of them (the rollout master)")
+    engine_host: str = Field(
+        "127.0.0.1", description="where the engines a sidecar starts listen; beyond loopback (for a driver on another "
+                                 "pod) they ask for the sidecar's token as their API key")
     engine_start_timeout_s: float = Field(300.0, gt=0.0)
     seed: int | None = Field(1234, description="per-request sampling seeds derive from it; unset: unseeded sampling")
     deterministic_inference: bool = Field(
@@ -173,6 +176,11 @@ class HybridConfig(Section):
     sidecar_token_file: str | None = Field(
         None, description="file holding the control API's bearer token (else env MEGATRON_RL_SIDECAR_TOKEN)")
     pod_name: str = Field("pod-0", description="this pod's name in the run's metadata")
+    advertise_host: str | None = Field(
+        None, description="the name other pods reach this pod's engine at (its DNS name); unset: rollout.engine_host")
+    peer_sidecar_urls: list[str] = Field(
+        default_factory=list, description="the sidecars of other pods whose engines serve this run's rollouts too "
+                                          "(data-parallel rollout over pods; needs weight_sync=nccl)")
     engine_lifecycle: Literal["release", "restart"] = Field(
         "release", description="between rollouts: release the engine's memory, or stop it and start it again (k1.5)")
     max_engine_restarts: int = Field(5, ge=0, description="crash restarts before the sidecar gives up")
@@ -184,6 +192,10 @@ class HybridConfig(Section):
             raise ValueError(f"weight_sync={self.weight_sync} pushes into a running engine, but engine_lifecycle="
                              "restart stops it between rollouts; use hybrid.engine_lifecycle=release or "
                              "hybrid.weight_sync=disk")
+        if self.peer_sidecar_urls and self.weight_sync != "nccl":
+            # disk and cuda_ipc hand the weights over on this host; another pod's engine must be sent them.
+            raise ValueError(f"peer_sidecar_urls name engines on other pods, which weight_sync={self.weight_sync} "
+                             "cannot reach (it hands weights over on this host); use hybrid.weight_sync=nccl")
         return self
 
 

@@ -34,6 +34,7 @@ from megatron_rl.control.store import store_from_config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hybrid.engine_control import EngineGroup
 from megatron_rl.hybrid.phases import FINAL_PHASES, PhaseOrchestrator
+from megatron_rl.hybrid.sidecar_protocol import load_sidecar_token
 from megatron_rl.hybrid.swap_guard import ProbeReference, SwapCheck, check_engine, probe_sequences
 from megatron_rl.hybrid.weight_sync import EnginesLostWeights, SyncedWeights
 from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line, set_aside_after
@@ -129,7 +130,8 @@ class Driver:
         # its sidecar's restart is waited for (it comes back with the same weights, or without pushed ones).
         self._rollout_interrupt: threading.Event | None = None  # the rollout in progress stops when it is set
         self._engine_lost_weights = False
-        self.master = RolloutMaster([EngineClient(url, timeout=config.rollout.request_timeout_s)
+        api_key = load_sidecar_token(config.hybrid)  # engines beyond loopback ask for it
+        self.master = RolloutMaster([EngineClient(url, timeout=config.rollout.request_timeout_s, api_key=api_key)
                                      for url in self.engines.engine_urls],
                                     request_timeout=config.rollout.request_timeout_s, recover=self._recover_engine)
         self.partial_rollout = self._partial_rollout()

@@ -1,6 +1,7 @@
 """Small networking helpers shared by the trainer launcher, the engine and the sandbox servers."""
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from megatron_rl.errors import UserError
@@ -27,3 +28,13 @@ def check_port(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface (only its own processes reach it)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

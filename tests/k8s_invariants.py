@@ -22,7 +22,8 @@ from megatron_rl.config import Config, load_config
 from megatron_rl.control.etcd_store import parse_endpoints
 from megatron_rl.control.kubernetes import JobControl
 from megatron_rl.hybrid.commands import run_sidecar
-from megatron_rl.hybrid.sidecar_server import is_loopback
+from megatron_rl.hybrid.sidecar_protocol import SIDECAR_TOKEN_ENV
+from megatron_rl.net import is_loopback
 
 # resource.k8s.io/v1 (DRA, the chart's default GPU mode) is served from 1.34 on; 1.37 is the newest schema set.
 KUBE_VERSIONS = ("1.34.0", "1.37.0")
@@ -82,7 +83,11 @@ class PodView:
             if "value" in variable:
                 values[variable["name"]] = _expand(variable["value"], values)
                 continue
-            path = variable["valueFrom"]["fieldRef"]["fieldPath"]
+            source = variable["valueFrom"]
+            if "secretKeyRef" in source:  # stands for the Secret's value, which only the cluster has
+                values[variable["name"]] = f"<secret {source['secretKeyRef']['name']}/{source['secretKeyRef']['key']}>"
+                continue
+            path = source["fieldRef"]["fieldPath"]
             values[variable["name"]] = {"metadata.name": self.name, JOB_COMPLETION_INDEX: str(self.index)}[path]
         return values
 
@@ -278,10 +283,34 @@ def check_rendezvous(manifests: Manifests, tmp_path: Path) -> None:
         assert world_size % model_parallel == 0, f"TP×PP×CP={model_parallel} must divide the world size {world_size}"
 
 
+def check_reach(manifests: Manifests, tmp_path: Path) -> None:
+    """One pod: its sidecar and engine listen on the pod's loopback, with no token. More: every pod's listen
+    on the pod network with the run's token, pod 0's driver reaches the others at their DNS names in the
+    rendezvous Service, and their engines get the weights by broadcast."""
+    nodes = manifests.job["spec"]["completions"]
+    config = run_config(manifests, PodView(manifests, 0), tmp_path)
+    tokens = [PodView(manifests, 0).env(container).get(SIDECAR_TOKEN_ENV)
+              for container in (manifests.trainer, manifests.rollout)]
+    if nodes == 1:
+        assert is_loopback(config.hybrid.sidecar_host) and is_loopback(config.rollout.engine_host)
+        assert config.hybrid.peer_sidecar_urls == [] and tokens == [None, None]
+        return
+    job_name, service = manifests.job["metadata"]["name"], manifests.pod["subdomain"]
+    assert (config.hybrid.sidecar_host, config.rollout.engine_host) == ("0.0.0.0", "0.0.0.0")
+    assert config.hybrid.peer_sidecar_urls == [f"http://{job_name}-{index}.{service}:{config.hybrid.sidecar_port}"
+                                               for index in range(1, nodes)]
+    assert config.hybrid.weight_sync == "nccl", "the other pods' engines are sent the weights"
+    secret = manifests.one("Secret", tokens[0].removeprefix("<secret ").split("/")[0])
+    assert tokens[0] == tokens[1] == f"<secret {secret['metadata']['name']}/token>" and secret["data"]["token"]
+    for index in range(nodes):
+        pod = PodView(manifests, index)
+        assert run_config(manifests, pod, tmp_path).hybrid.advertise_host == f"{job_name}-{index}.{service}", \
+            "each pod's engine is advertised at its own DNS name"
+
+
 def check_ports(manifests: Manifests, tmp_path: Path) -> None:
     config = run_config(manifests, PodView(manifests, 0), tmp_path)
-    # The sidecar listens on the pod's loopback (no token): trainer and probes reach it there.
-    assert is_loopback(config.hybrid.sidecar_host)
+    # Trainer and probes reach the pod's own sidecar on its loopback (check_reach: who else may).
     sidecar_url = urlparse(config.hybrid.sidecar_url)
     assert is_loopback(sidecar_url.hostname) and sidecar_url.port == config.hybrid.sidecar_port
     for probe in ("startupProbe", "livenessProbe"):

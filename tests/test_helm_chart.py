@@ -110,6 +110,7 @@ def test_rendezvous_matches_the_jobs_pods(scenario, tmp_path):
 def test_ports_and_endpoints_match_the_config(scenario, tmp_path):
     name, manifests = scenario
     k8s.check_ports(manifests, tmp_path)
+    k8s.check_reach(manifests, tmp_path)
     config = k8s.run_config(manifests, k8s.PodView(manifests, 0), tmp_path)
     if name == "sandbox-userns-external-etcd":
         assert config.control.etcd_endpoints == ["http://etcd.infra.svc:2379"]
@@ -160,7 +161,11 @@ def test_the_schema_lists_every_config_section_the_chart_does_not_own():
     ("config:\n  control:\n    run_name: other\n", "config.control.run_name is set by the chart"),
     ("config:\n  rollout:\n    sglang_args: [--tp-size, '2']\n", "config.rollout.sglang_args: --tp-size is set by the chart"),
     ("parallel:\n  tp: 3\n", "parallel.tp × pp × cp = 3 does not divide the trainer's world size nodes × gpusPerPod = 8"),
-    ("nodes: 2\ncheckpoints:\n  accessModes: [ReadWriteOnce]\n", "checkpoints.accessModes: with nodes > 1"),
+    ("nodes: 2\ncheckpoints:\n  accessModes: [ReadWriteOnce]\nconfig:\n  hybrid:\n    weight_sync: nccl\n",
+     "checkpoints.accessModes: with nodes > 1"),
+    ("nodes: 2\ncheckpoints:\n  accessModes: [ReadWriteMany]\n",
+     "config.hybrid.weight_sync: with nodes > 1 every pod's engine rolls out and gets the weights by broadcast"),
+    ("config:\n  hybrid:\n    peer_sidecar_urls: [http://x:1]\n", "config.hybrid.peer_sidecar_urls is set by the chart"),
 ])
 def test_a_bad_values_file_fails_with_a_message_naming_the_field(tmp_path, capsys, values_text, message):
     values_file = tmp_path / "values.yaml"

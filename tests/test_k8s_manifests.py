@@ -55,6 +55,7 @@ def test_the_example_job_is_wired_like_the_charts(manifests, tmp_path):
     k8s.check_shared_memory(manifests, tmp_path)
     k8s.check_rendezvous(manifests, tmp_path)
     k8s.check_ports(manifests, tmp_path)
+    k8s.check_reach(manifests, tmp_path)
 
 
 @pytest.mark.asyncio

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     pod.add_argument("--config", help="YAML run config")
     pod.add_argument("--run-dir", required=True, help="new directory for the run's records and every process's log")
     pod.add_argument("--iterations", type=int, help="RL iterations (overrides train.iterations)")
+    pod.add_argument("--pods", type=int, default=1,
+                     help="pods whose engines roll out (default 1): a sidecar each, the others the trainer's "
+                          "hybrid.peer_sidecar_urls, as on a multi-node cluster (needs hybrid.weight_sync=nccl)")
     pod.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides for every process")
     pod.set_defaults(handler=run_local_pod)
 
@@ -25,7 +28,7 @@ def register(subparsers) -> None:
 def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (the same file as the run's)")
     parser.add_argument("--log-dir", help="where the engine's log goes (default: TMPDIR/megatron-rl-sidecar-POD)")
-    parser.add_argument("--engine-port", type=int, help="the engine's port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--engine-port", type=int, help="the engine's port on rollout.engine_host (default: a free one)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. hybrid.pod_name=pod-3")
@@ -56,4 +59,6 @@ def run_local_pod(args: argparse.Namespace) -> int:
         if args.iterations < 1:
             raise UserError(f"--iterations must be ≥ 1 (got {args.iterations})")
         overrides.append(f"train.iterations={args.iterations}")
-    return run(args.config, Path(args.run_dir), overrides)
+    if args.pods < 1:
+        raise UserError(f"--pods must be ≥ 1 (got {args.pods})")
+    return run(args.config, Path(args.run_dir), overrides, pods=args.pods)

@@ -11,8 +11,9 @@ The lifecycle (`hybrid.engine_lifecycle`):
 - restart: after rollout stop the engine; the new weights are handed to the stopped sidecar, which
   loads them when it starts the engine again (k1.5's original lifecycle).
 
-`EngineGroup` holds the run's data-parallel engines (`rollout.engines`, each behind its own in-process
-sidecar) and applies every lifecycle step to all of them; the rollout master spreads requests over them.
+`EngineGroup` holds the run's data-parallel engines — this pod's (`rollout.engines` of them, each behind its
+own in-process sidecar, or the pod's sidecar) and other pods' (`hybrid.peer_sidecar_urls`) — and applies
+every lifecycle step to all of them; the rollout master spreads requests over them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from megatron_rl.config import Config
 from megatron_rl.control.store import MetadataStore
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hybrid.sidecar_protocol import (
-    SidecarError, SidecarStatus, SidecarUnavailable, sidecar_record_key, utc_now,
+    SidecarError, SidecarStatus, SidecarUnavailable, load_sidecar_token, sidecar_record_key, utc_now,
 )
 from megatron_rl.hybrid.weight_sync import SyncedWeights
 from megatron_rl.rollout.client import EngineClient
@@ -93,10 +94,11 @@ class EngineControl:
     """What the driver does to the engine, phase by phase."""
 
     def __init__(self, control, config: Config, store: MetadataStore | None = None, owned: list | None = None,
-                 engine_log: Path | None = None):
+                 engine_log: Path | None = None, pod_name: str | None = None):
         self.control = control  # a Sidecar, a SidecarClient or an ExternalEngine
         self.config = config
         self.store = store
+        self.pod_name = pod_name  # whose leased sidecar record tells, when the sidecar does not answer
         self._owned = owned or []  # what close() stops: an in-process sidecar and its registration
         self.engine_log = engine_log  # where the engine logs, when this process started it
         self.lifecycle = config.hybrid.engine_lifecycle
@@ -109,7 +111,8 @@ class EngineControl:
             if hybrid.engine_lifecycle == "restart":
                 raise UserError("hybrid.engine_lifecycle=restart needs a sidecar to restart the engine; "
                                 "unset rollout.engine_url (or use hybrid.sidecar_url)")
-            client = EngineClient(rollout.engine_url, timeout=rollout.request_timeout_s)
+            client = EngineClient(rollout.engine_url, timeout=rollout.request_timeout_s,
+                                  api_key=load_sidecar_token(hybrid))
             try:
                 client.get_model_info()
             except EngineError as error:
@@ -119,7 +122,8 @@ class EngineControl:
         if hybrid.sidecar_url:
             from megatron_rl.hybrid.sidecar_client import SidecarClient
 
-            return cls(SidecarClient.from_config(hybrid, timeout=rollout.request_timeout_s), config, store)
+            return cls(SidecarClient.from_config(hybrid, timeout=rollout.request_timeout_s), config, store,
+                       pod_name=hybrid.pod_name)
         from megatron_rl.hybrid.sidecar import sidecar_from_config
         from megatron_rl.hybrid.sidecar_metadata import SidecarRegistration
 
@@ -127,7 +131,8 @@ class EngineControl:
         registration = SidecarRegistration(sidecar, lambda: store, run_name=config.control.run_name,
                                            lease_ttl_s=hybrid.sidecar_lease_ttl_s, close_store=False).start()
         return cls(sidecar, config, store, owned=[registration, sidecar],
-                   engine_log=Path(run_dir) / ("engine.log" if index == 0 else f"engine-{index}.log"))
+                   engine_log=Path(run_dir) / ("engine.log" if index == 0 else f"engine-{index}.log"),
+                   pod_name=sidecar.pod_name)
 
     @property
     def engine_url(self) -> str:
@@ -205,8 +210,8 @@ class EngineControl:
     def _describe(self, error: Exception) -> str:
         """The error, and whether the sidecar's leased record says it is alive."""
         message = str(error)
-        if isinstance(error, SidecarUnavailable) and self.store is not None:
-            key = sidecar_record_key(self.config.control.run_name, self.config.hybrid.pod_name)
+        if isinstance(error, SidecarUnavailable) and self.store is not None and self.pod_name is not None:
+            key = sidecar_record_key(self.config.control.run_name, self.pod_name)
             try:
                 alive = self.store.get(key) is not None
             except Exception as store_error:  # the store's own trouble is reported, not raised over this one
@@ -239,6 +244,12 @@ class EngineGroup:
         try:  # every engine starts before any is waited for: they load their weights at once
             for index in range(count):
                 controls.append(EngineControl.from_config(config, run_dir, store, index=index))
+            if config.hybrid.peer_sidecar_urls:
+                from megatron_rl.hybrid.sidecar_client import SidecarClient
+
+                token = load_sidecar_token(config.hybrid)
+                controls += [EngineControl(SidecarClient(url, token, config.rollout.request_timeout_s), config, store)
+                             for url in config.hybrid.peer_sidecar_urls]
         except BaseException:
             for control in controls:
                 control.close()

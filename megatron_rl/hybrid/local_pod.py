@@ -2,9 +2,13 @@
 process, wired as in Kubernetes — the trainer reaches the sidecar over its token-authenticated API and
 the engine over SGLang's API, and all three meet in etcd.
 
-`megatron-rl local-pod --config FILE --run-dir DIR [--iterations N] [key=value ...]` starts etcd (unless
-control.etcd_endpoints names one), then the sidecar, then the trainer in the foreground, and stops the
-others when the trainer ends. Logs: DIR/sidecar.log, DIR/etcd.log, the engine's in DIR/sidecar/.
+`megatron-rl local-pod --config FILE --run-dir DIR [--iterations N] [--pods P] [key=value ...]` starts etcd
+(unless control.etcd_endpoints names one), then the sidecar, then the trainer in the foreground, and stops
+the others when the trainer ends. Logs: DIR/sidecar.log, DIR/etcd.log, the engine's in DIR/sidecar/.
+
+With `--pods P` > 1 it lays out P pods' rollout side as on a multi-node cluster: a sidecar (and engine) per
+pod, pod-1 … pod-P-1 logging to DIR/sidecar-K.log and DIR/sidecar-K/; the trainer drives pod-0's as its own
+and the others as `hybrid.peer_sidecar_urls`, spreading every rollout over all P engines.
 """
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ from megatron_rl.hybrid.sidecar_protocol import SidecarError
 from megatron_rl.net import free_port
 
 
-def run_local_pod(config_path: str | None, run_dir: Path, overrides: list[str]) -> int:
+def run_local_pod(config_path: str | None, run_dir: Path, overrides: list[str], pods: int = 1) -> int:
     config = load_config(config_path, overrides)  # fail on a bad config before anything starts
+    if pods > 1 and config.hybrid.weight_sync != "nccl":
+        raise UserError(f"--pods {pods}: the other pods' engines get the weights by broadcast; add "
+                        f"hybrid.weight_sync=nccl (not {config.hybrid.weight_sync})")
     if (run_dir / "metrics.jsonl").exists():
         raise UserError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --run-dir (nothing was overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -40,17 +47,25 @@ def run_local_pod(config_path: str | None, run_dir: Path, overrides: list[str]) 
         token_file = run_dir / "sidecar.token"
         token_file.write_text(secrets.token_hex(32))
         token_file.chmod(0o600)
-        port = free_port()
         wiring = ["control.store=etcd", f"control.etcd_endpoints=[{','.join(endpoints)}]",
-                  f"hybrid.sidecar_port={port}", f"hybrid.sidecar_token_file={token_file}"]
+                  f"hybrid.sidecar_token_file={token_file}"]
         common = ["--config", config_path] if config_path else []
-        sidecar = _start(["sidecar", *common, "--log-dir", str(run_dir / "sidecar"), *overrides, *wiring],
-                         run_dir / "sidecar.log")
-        stack.callback(_stop, sidecar)
-        _wait_for_sidecar(sidecar, f"http://127.0.0.1:{port}", token_file.read_text(), run_dir / "sidecar.log",
-                          config.rollout.engine_start_timeout_s)
+        sidecars = []  # every pod's sidecar is started before any is waited for: their engines load at once
+        for index in range(pods):
+            port = free_port()
+            suffix = "" if index == 0 else f"-{index}"
+            pod = [f"hybrid.sidecar_port={port}", *([f"hybrid.pod_name=pod-{index}"] if index else [])]
+            log_path = run_dir / f"sidecar{suffix}.log"
+            sidecar = _start(["sidecar", *common, "--log-dir", str(run_dir / f"sidecar{suffix}"), *overrides, *wiring,
+                              *pod], log_path)
+            stack.callback(_stop, sidecar)
+            sidecars.append((sidecar, f"http://127.0.0.1:{port}", log_path))
+        for sidecar, url, log_path in sidecars:
+            _wait_for_sidecar(sidecar, url, token_file.read_text(), log_path, config.rollout.engine_start_timeout_s)
+        urls = [url for _, url, _ in sidecars]
+        peers = [f"hybrid.peer_sidecar_urls=[{','.join(urls[1:])}]"] if pods > 1 else []
         trainer = subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", *common, "--run-dir", str(run_dir),
-                                    *overrides, *wiring, f"hybrid.sidecar_url=http://127.0.0.1:{port}"])
+                                    *overrides, *wiring, f"hybrid.sidecar_url={urls[0]}", *peers])
         stack.callback(_stop, trainer)
         return trainer.wait()
 

@@ -31,13 +31,15 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from megatron_rl.errors import UserError
 from megatron_rl.hybrid.sidecar_protocol import (
-    CommandResult, EngineKind, SidecarCommand, SidecarError, SidecarFailed, SidecarRequestError, SidecarState,
-    SidecarStateError, SidecarStatus, SidecarTimeout, SidecarUnavailable, check_pod_name, utc_now,
+    SIDECAR_TOKEN_ENV, CommandResult, EngineKind, SidecarCommand, SidecarError, SidecarFailed, SidecarRequestError,
+    SidecarState, SidecarStateError, SidecarStatus, SidecarTimeout, SidecarUnavailable, check_pod_name,
+    load_sidecar_token, utc_now,
 )
-from megatron_rl.net import free_port
+from megatron_rl.net import free_port, is_loopback
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.engine_process import (
-    EmbeddedEngineProcess, EngineProcess, EngineStartError, SGLangEngineProcess, check_sglang_args,
+    ENGINE_HOST, EmbeddedEngineProcess, EngineProcess, EngineStartError, SGLangEngineProcess, check_sglang_args,
+    engine_url,
 )
 from megatron_rl.rollout.protocol import MEMORY_TAGS, EngineError
 
@@ -105,17 +107,20 @@ class Sidecar:
 
     def __init__(self, make_engine: EngineFactory, *, pod_name: str, engine_kind: EngineKind,
                  engine_port: int | None = None, max_engine_restarts: int = 5, start_timeout_s: float = 300.0,
-                 control_timeout_s: float = 600.0, monitor_interval_s: float = 0.2):
+                 control_timeout_s: float = 600.0, monitor_interval_s: float = 0.2, engine_host: str = ENGINE_HOST,
+                 advertise_host: str | None = None, api_key: str | None = None):
         self.pod_name = check_pod_name(pod_name)
         self.engine_kind = engine_kind
         self.engine_port = engine_port or free_port()
-        self.engine_url = f"http://127.0.0.1:{self.engine_port}"
+        # `make_engine` starts the engine listening on engine_host (with api_key), reached at this URL.
+        self.engine_url = engine_url(engine_host, self.engine_port, advertise_host)
+        self.api_key = api_key
         self.max_engine_restarts = max_engine_restarts
         self.start_timeout_s = start_timeout_s
         self.control_timeout_s = control_timeout_s
         self.monitor_interval_s = monitor_interval_s
         self._make_engine = make_engine
-        self._probe = EngineClient(self.engine_url, timeout=PROBE_TIMEOUT_S)
+        self._probe = EngineClient(self.engine_url, timeout=PROBE_TIMEOUT_S, api_key=api_key)
         # _changed guards the fields below and wakes wait_ready; _operation serialises engine operations.
         self._changed = threading.Condition()
         self._operation = threading.RLock()
@@ -294,7 +299,7 @@ class Sidecar:
             engine.start(timeout=self.start_timeout_s)
         except EngineStartError as error:
             raise _StartFailed(str(error)) from None
-        self._client = EngineClient(engine.url, timeout=self.control_timeout_s)
+        self._client = EngineClient(engine.url, timeout=self.control_timeout_s, api_key=self.api_key)
         try:
             if self._kept is not None and self._kept.path is None:
                 _log.warning("the restarted engine lost pushed weight version %r; it serves none until the trainer "
@@ -552,18 +557,27 @@ def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | Non
     log_path = Path(log_dir) / ("engine.log" if index == 0 else f"engine-{index}.log")
     # SGLang's flag for batch-invariant kernels; the embedded engine takes the same one.
     deterministic = ("--enable-deterministic-inference",) if rollout.deterministic_inference else ()
+    hybrid = config.hybrid
+    # Beyond loopback (a driver on another pod) the engine asks for the sidecar's token as its API key.
+    api_key = None if is_loopback(rollout.engine_host) else load_sidecar_token(hybrid)
+    if api_key is None and not is_loopback(rollout.engine_host):
+        raise UserError(f"rollout.engine_host={rollout.engine_host} is not a loopback address, and there is no token "
+                        f"for the engine's API key: set hybrid.sidecar_token_file (or env {SIDECAR_TOKEN_ENV}), or "
+                        "keep rollout.engine_host=127.0.0.1")
+    listen = {"host": rollout.engine_host, "advertise_host": hybrid.advertise_host, "api_key": api_key}
     if rollout.engine == "sglang":
         check_sglang_args(rollout.sglang_args)
 
         def make_engine(port: int) -> EngineProcess:
-            return SGLangEngineProcess(model_dir, log_path, port=port, sglang_args=[*rollout.sglang_args, *deterministic])
+            return SGLangEngineProcess(model_dir, log_path, port=port, sglang_args=[*rollout.sglang_args, *deterministic],
+                                       **listen)
     else:
         def make_engine(port: int) -> EngineProcess:
             return EmbeddedEngineProcess(model_dir, log_path, port=port, extra_args=deterministic,
-                                         max_running_requests=rollout.engine_max_running_requests)
+                                         max_running_requests=rollout.engine_max_running_requests, **listen)
 
-    hybrid = config.hybrid
     pod_name = hybrid.pod_name if index == 0 else f"{hybrid.pod_name}-{index}"
     return Sidecar(make_engine, pod_name=pod_name, engine_kind=rollout.engine, engine_port=engine_port,
                    max_engine_restarts=hybrid.max_engine_restarts, start_timeout_s=rollout.engine_start_timeout_s,
-                   control_timeout_s=rollout.request_timeout_s)
+                   control_timeout_s=rollout.request_timeout_s, engine_host=rollout.engine_host,
+                   advertise_host=hybrid.advertise_host, api_key=api_key)

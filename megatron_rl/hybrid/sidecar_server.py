@@ -11,7 +11,6 @@ reach the engine's own unauthenticated API anyway. On any other address it refus
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import signal
 import sys
@@ -30,7 +29,7 @@ from megatron_rl.hybrid.sidecar_protocol import (
     SIDECAR_TOKEN_ENV, HealthBody, LoadWeightsBody, MemoryTagsBody, SidecarAuthError, SidecarError, SidecarStatus,
     WeightsPushedBody, load_sidecar_token,
 )
-from megatron_rl.net import check_port
+from megatron_rl.net import check_port, is_loopback
 from megatron_rl.rollout.protocol import describe_validation_error
 
 if TYPE_CHECKING:
@@ -139,15 +138,6 @@ def create_app(sidecar: Sidecar, token: str | None) -> FastAPI:
         return await respond(sidecar.start_engine)
 
     return app
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import socket
 import threading
 import time
@@ -118,10 +119,10 @@ def _agree(failures: list[str | None]) -> None:
 class _EngineWeightPush:
     """What both paths share: the session, the bucket stream, errors agreed over ranks. See the module doc."""
 
-    def __init__(self, engine_url: str, bucket_bytes: int, timeout: float = 600.0):
+    def __init__(self, engine_url: str, bucket_bytes: int, timeout: float = 600.0, api_key: str | None = None):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be ≥ 1, got {bucket_bytes}")
-        self.engine = EngineClient(engine_url, timeout=timeout)
+        self.engine = EngineClient(engine_url, timeout=timeout, api_key=api_key)
         self.bucket_bytes = bucket_bytes
         self.timeout = timeout
 
@@ -192,8 +193,8 @@ class _EngineWeightPush:
 class TensorWeightSync(_EngineWeightPush):
     """`hybrid.weight_sync=cuda_ipc`: buckets handed over by CUDA-IPC (GPU) or shared-memory (CPU) handle."""
 
-    def __init__(self, engine_url: str, bucket_bytes: int, timeout: float = 600.0):
-        super().__init__(engine_url, bucket_bytes, timeout)
+    def __init__(self, engine_url: str, bucket_bytes: int, timeout: float = 600.0, api_key: str | None = None):
+        super().__init__(engine_url, bucket_bytes, timeout, api_key)
         self._payloads_per_bucket: int | None = None
         self._cpu_buffer: torch.Tensor | None = None  # reused on CPU, see the module docstring
 
@@ -248,9 +249,9 @@ class DistributedWeightSync(_EngineWeightPush):
     `load_format`: "flattened_bucket" (one broadcast per bucket) or None (one per tensor).
     """
 
-    def __init__(self, engine_url: str, bucket_bytes: int, timeout: float = 600.0, *,
+    def __init__(self, engine_url: str, bucket_bytes: int, timeout: float = 600.0, api_key: str | None = None, *,
                  master_address: str | None = None, load_format: str | None = FLATTENED_BUCKET):
-        super().__init__(engine_url, bucket_bytes, timeout)
+        super().__init__(engine_url, bucket_bytes, timeout, api_key)
         if load_format not in (None, FLATTENED_BUCKET):
             raise ValueError(f"load_format must be None or {FLATTENED_BUCKET!r}, got {load_format!r}")
         self.master_address = master_address
@@ -272,8 +273,8 @@ class DistributedWeightSync(_EngineWeightPush):
 
         self._joins += 1
         # Unique in this process, which may push to several engines: one group per engine, stage and join.
-        engine_port = urllib.parse.urlsplit(self.engine.base_url).port
-        name = f"megatron-rl-weights-{engine_port}-pp{parallel_state.get_pipeline_model_parallel_rank()}-{self._joins}"
+        engine = re.sub(r"[^A-Za-z0-9]+", "-", urllib.parse.urlsplit(self.engine.base_url).netloc)
+        name = f"megatron-rl-weights-{engine}-pp{parallel_state.get_pipeline_model_parallel_rank()}-{self._joins}"
         world_size = 1 + engine_tp_size(self.engine)
         address = self.master_address or local_address_towards(self.engine.base_url)
         port = free_port(address)

@@ -120,8 +120,10 @@ def open_weight_sync(config, run_dir: Path, engine_urls: list[str]):
     bucket_bytes = hybrid.bucket_size_mb * 2**20
     if hybrid.weight_sync == "disk":
         return DiskWeightSync(hybrid.shm_dir, run_dir, bucket_bytes)
+    from megatron_rl.hybrid.sidecar_protocol import load_sidecar_token
     from megatron_rl.hybrid.weight_push import DistributedWeightSync, TensorWeightSync
 
     kind = TensorWeightSync if hybrid.weight_sync == "cuda_ipc" else DistributedWeightSync
-    pushes = [kind(url, bucket_bytes, timeout=config.rollout.request_timeout_s) for url in engine_urls]
+    api_key = load_sidecar_token(hybrid)  # engines beyond loopback ask for it
+    pushes = [kind(url, bucket_bytes, timeout=config.rollout.request_timeout_s, api_key=api_key) for url in engine_urls]
     return pushes[0] if len(pushes) == 1 else PushToEach(pushes)

@@ -54,17 +54,23 @@ def _server_message(raw: bytes) -> tuple[str, Any]:
 
 
 class EngineClient:
-    """HTTP client of one engine server (SGLang or embedded). `timeout` (s) bounds each call."""
+    """HTTP client of one engine server (SGLang or embedded). `timeout` (s) bounds each call; `api_key`: the
+    engine's `--api-key` (sent as `Authorization: Bearer`), for an engine listening beyond loopback."""
 
-    def __init__(self, base_url: str, timeout: float = 600.0):
+    def __init__(self, base_url: str, timeout: float = 600.0, api_key: str | None = None):
         if "://" not in base_url:
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
         return f"EngineClient({self.base_url!r}, timeout={self.timeout})"
+
+    def with_timeout(self, timeout: float) -> EngineClient:
+        """The same engine and key, another bound per call."""
+        return EngineClient(self.base_url, timeout=timeout, api_key=self.api_key)
 
     # ------------------------------------------------------------------ transport
 
@@ -76,6 +82,8 @@ class EngineClient:
             url += "?" + urllib.parse.urlencode(query)
         data = None
         headers = {"Accept": "application/json"}
+        if self.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         if body is not None:
             data = json.dumps(body.model_dump(mode="json", exclude_none=True)).encode()
             headers["Content-Type"] = "application/json"

@@ -18,6 +18,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF model directory (config.json + safetensors, or one .gguf)")
     parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000, as SGLang)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--api-key", default=None,
+                        help="as SGLang's: every request but /health must send 'Authorization: Bearer KEY' "
+                             "(required to listen beyond loopback)")
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                         help="auto: load the weights; dummy: random weights from config.json (until a weight sync)")
     parser.add_argument("--max-running-requests", type=int, default=8, help="bound on the running batch")
@@ -40,6 +43,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_running_requests < 1:
         raise UserError(f"--max-running-requests must be ≥ 1 (got {args.max_running_requests})")
+    from megatron_rl.net import is_loopback
+
+    if not args.api_key and not is_loopback(args.host):
+        raise UserError(f"--host {args.host} is not a loopback address: pass --api-key KEY too (anyone who reaches "
+                        "the engine could otherwise replace its weights), or listen on 127.0.0.1")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -51,4 +59,4 @@ def run_serve(args: argparse.Namespace) -> int:
                  max_running_requests=args.max_running_requests, weight_version=args.weight_version,
                  enable_deterministic_inference=args.enable_deterministic_inference,
                  chunked_prefill_size=args.chunked_prefill_size, max_total_tokens=args.max_total_tokens,
-                 random_seed=args.random_seed, log_level=args.log_level)
+                 random_seed=args.random_seed, log_level=args.log_level, api_key=args.api_key)

@@ -34,6 +34,7 @@ awaited as futures.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import sys
 import time
 import uuid
@@ -103,11 +104,21 @@ def _requests_from_body(body: GenerateBody) -> list[EngineRequest]:
             for ids, p, lp, rid, start in zip(prompts, params, logprobs, rids, starts)]
 
 
-def create_app(engine: EmbeddedEngine) -> FastAPI:
+def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> FastAPI:
+    """`api_key` (SGLang's --api-key): every request but the /health probes must carry it as a bearer token."""
     app = FastAPI(title="megatron-rl embedded engine", docs_url=None, redoc_url=None, openapi_url=None)
+    expected = f"Bearer {api_key}".encode() if api_key else None
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse(ErrorBody(error=ErrorDetail(message=message)).model_dump(), status_code=status)
+
+    @app.middleware("http")
+    async def _authorize(request: Request, call_next):
+        if expected is not None and request.url.path not in ("/health", "/health_generate"):
+            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+                return error(401, "Unauthorized: this engine was started with --api-key; send "
+                                  "'Authorization: Bearer <key>'")
+        return await call_next(request)
 
     @app.exception_handler(HTTPFailure)
     async def _failure(request: Request, exc: HTTPFailure):
@@ -327,7 +338,8 @@ def create_app(engine: EmbeddedEngine) -> FastAPI:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 30000, load_format: str = "auto",
           max_running_requests: int = 8, weight_version: str = "default",
           enable_deterministic_inference: bool = False, chunked_prefill_size: int | None = None,
-          max_total_tokens: int | None = None, random_seed: int | None = None, log_level: str = "warning") -> int:
+          max_total_tokens: int | None = None, random_seed: int | None = None, log_level: str = "warning",
+          api_key: str | None = None) -> int:
     """Load the model, start the scheduler and serve until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -337,7 +349,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 30000, load_format
                             chunked_prefill_size=chunked_prefill_size, max_total_tokens=max_total_tokens,
                             random_seed=random_seed).start()
     try:
-        config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level,
+        config = uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level=log_level,
                                 access_log=False, timeout_graceful_shutdown=5)
         mode = "deterministic" if engine.deterministic else "batched"
         print(f"embedded engine: serving {model} ({mode} mode, weight_version {weight_version!r}, "

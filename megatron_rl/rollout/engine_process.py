@@ -1,8 +1,9 @@
 """Start, watch and stop an engine server process: the embedded engine (CPU) or SGLang (GPU).
 
 The RL loop starts an embedded one when no `rollout.engine_url` is given; the sidecar owns one per pod.
-The server is a real child process speaking SGLang's HTTP API on a loopback port, so the code that
-talks to it is the code that talks to SGLang. Both kinds share `EngineProcess`; they differ only in
+The server is a real child process speaking SGLang's HTTP API (on loopback unless `rollout.engine_host`
+says otherwise, for a driver on another pod; then with an API key), so the code that talks to it is the
+code that talks to SGLang. Both kinds share `EngineProcess`; they differ only in
 the command line and the environment they are started with.
 
 Engine processes die with the process that started them (Linux `PR_SET_PDEATHSIG`), so a killed sidecar
@@ -33,10 +34,22 @@ __all__ = [
     "sglang_environment",
 ]
 
-ENGINE_HOST = "127.0.0.1"  # engines are reached only by the sidecar and the rollout code of their own pod
+ENGINE_HOST = "127.0.0.1"  # by default engines are reached only by the sidecar and the rollout code of their pod
 
 # Flags the SGLang command line sets itself; rollout.sglang_args must not repeat them.
-SGLANG_MANAGED_FLAGS = ("--model-path", "--model", "--host", "--port", "--load-format", "--enable-memory-saver")
+SGLANG_MANAGED_FLAGS = ("--model-path", "--model", "--host", "--port", "--load-format", "--enable-memory-saver",
+                        "--api-key")
+
+
+def engine_url(host: str, port: int, advertise_host: str | None = None) -> str:
+    """Where an engine listening on `host`:`port` is reached: at `advertise_host` when given (the name other
+    pods resolve), else at `host` (loopback for a wildcard address)."""
+    reachable = advertise_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
+    return f"http://{'[' + reachable + ']' if ':' in reachable else reachable}:{port}"
+
+
+def _listen_args(host: str, port: int, api_key: str | None) -> list[str]:
+    return ["--host", host, "--port", str(port), *(("--api-key", api_key) if api_key else ())]
 
 
 class EngineStartError(RuntimeError):
@@ -102,15 +115,18 @@ _spawner = _Spawner()
 
 
 class EngineProcess:
-    """One engine server as a child process on 127.0.0.1:`port`, its output appended to `log_path`."""
+    """One engine server as a child process on `host`:`port` (`url`: where it is reached; `api_key`: what
+    it asks of every request but /health), its output appended to `log_path`."""
 
     kind = "engine"
 
-    def __init__(self, command: list[str], env: dict[str, str], port: int, log_path: Path):
+    def __init__(self, command: list[str], env: dict[str, str], port: int, log_path: Path, *,
+                 host: str = ENGINE_HOST, advertise_host: str | None = None, api_key: str | None = None):
         self.command = command
         self.env = env
         self.port = port
-        self.url = f"http://{ENGINE_HOST}:{port}"
+        self.url = engine_url(host, port, advertise_host)
+        self.api_key = api_key
         self.log_path = Path(log_path)
         self.process: subprocess.Popen | None = None
         self._group_stopped = False
@@ -126,7 +142,7 @@ class EngineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._group_stopped = False
         self.process = _spawner.popen(self.command, self.env, self.log_path)
-        client = EngineClient(self.url, timeout=30)
+        client = EngineClient(self.url, timeout=30, api_key=self.api_key)
         deadline = time.monotonic() + timeout
         probe = client.health
         while True:
@@ -199,15 +215,17 @@ class EmbeddedEngineProcess(EngineProcess):
     kind = "embedded"
 
     def __init__(self, model: str | Path, log_path: Path, *, port: int | None = None,
-                 load_format: str = "dummy", max_running_requests: int = 64, extra_args: tuple[str, ...] = ()):
+                 load_format: str = "dummy", max_running_requests: int = 64, extra_args: tuple[str, ...] = (),
+                 host: str = ENGINE_HOST, advertise_host: str | None = None, api_key: str | None = None):
         self.model = str(model)
         port = port or free_port()
         command = [
             sys.executable, "-m", "megatron_rl.rollout.embedded_server", "--model", self.model,
-            "--host", ENGINE_HOST, "--port", str(port), "--load-format", load_format,
+            *_listen_args(host, port, api_key), "--load-format", load_format,
             "--max-running-requests", str(max_running_requests), *extra_args,
         ]
-        super().__init__(command, dict(os.environ), port, log_path)
+        super().__init__(command, dict(os.environ), port, log_path, host=host, advertise_host=advertise_host,
+                         api_key=api_key)
 
 
 def sglang_environment(base: dict[str, str]) -> dict[str, str]:
@@ -248,13 +266,14 @@ class SGLangEngineProcess(EngineProcess):
 
     def __init__(self, model: str | Path, log_path: Path, *, port: int | None = None,
                  sglang_args: list[str] | tuple[str, ...] = (), python: str = sys.executable,
-                 base_env: dict[str, str] | None = None):
+                 base_env: dict[str, str] | None = None, host: str = ENGINE_HOST, advertise_host: str | None = None,
+                 api_key: str | None = None):
         check_sglang_args(sglang_args)
         self.model = str(model)
         port = port or free_port()
         command = [
-            python, "-m", "sglang.launch_server", "--model-path", self.model, "--host", ENGINE_HOST,
-            "--port", str(port), "--load-format", "dummy", "--enable-memory-saver", *sglang_args,
+            python, "-m", "sglang.launch_server", "--model-path", self.model, *_listen_args(host, port, api_key),
+            "--load-format", "dummy", "--enable-memory-saver", *sglang_args,
         ]
         env = sglang_environment(dict(os.environ) if base_env is None else base_env)
-        super().__init__(command, env, port, log_path)
+        super().__init__(command, env, port, log_path, host=host, advertise_host=advertise_host, api_key=api_key)

@@ -382,7 +382,7 @@ class RolloutMaster:
             self._fail(job, failure)
 
     def _probe(self, engine: _Engine) -> None:
-        probe = EngineClient(engine.client.base_url, timeout=min(5.0, self.probe_interval))
+        probe = engine.client.with_timeout(min(5.0, self.probe_interval))
         try:
             if not probe.health():
                 return

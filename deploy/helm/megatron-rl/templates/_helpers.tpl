@@ -90,17 +90,40 @@ external endpoints. */}}
 {{- printf "http://127.0.0.1:%d" (int .Values.rollout.sidecarPort) -}}
 {{- end -}}
 
+{{/* With nodes > 1 every pod's engine rolls out: pod 0's driver reaches the other pods' sidecars (and their
+engines) at their DNS names in the rendezvous Service, with this Secret's token. */}}
+{{- define "megatron-rl.multiNode" -}}
+{{- if gt (int .Values.nodes) 1 -}}true{{- end -}}
+{{- end -}}
+
+{{- define "megatron-rl.sidecarTokenSecret" -}}
+{{- printf "%s-sidecar-token" (include "megatron-rl.runName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "megatron-rl.podHost" -}}
+{{- printf "%s-%s.%s" (include "megatron-rl.runName" .root) (toString .index) (include "megatron-rl.rendezvousService" .root) -}}
+{{- end -}}
+
+{{- define "megatron-rl.peerSidecarUrls" -}}
+{{- $urls := list -}}
+{{- range $index := untilStep 1 (int .Values.nodes) 1 -}}
+{{- $urls = append $urls (printf "http://%s:%d" (include "megatron-rl.podHost" (dict "root" $ "index" $index)) (int $.Values.rollout.sidecarPort)) -}}
+{{- end -}}
+{{- $urls | toJson -}}
+{{- end -}}
+
 {{/* The run config ------------------------------------------------------------------------------------
 The user's `config` sections with what the chart owns set on top: the model and layout, the SGLang
-engine and its per-pod layout, the sidecar's pod-local address, the shared /dev/shm, the etcd store, and
-the sandbox's Service for code rewards (when the chart runs one).
+engine and its per-pod layout, the sidecar's pod-local address (with nodes > 1: every pod's sidecar and
+engine on the pod network, the other pods' sidecars as the driver's peers), the shared /dev/shm, the etcd
+store, and the sandbox's Service for code rewards (when the chart runs one).
 Setting an owned key in `config` is an error rather than silently replaced. hybrid.pod_name is set per
 pod, on the command lines (from the pod's name). */}}
 {{- define "megatron-rl.runConfig" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $owned := dict
-  "rollout" (list "engine" "engine_url")
-  "hybrid" (list "sidecar_url" "sidecar_host" "sidecar_port" "sidecar_token_file" "pod_name" "shm_dir")
+  "rollout" (list "engine" "engine_url" "engine_host")
+  "hybrid" (list "sidecar_url" "sidecar_host" "sidecar_port" "sidecar_token_file" "pod_name" "shm_dir" "advertise_host" "peer_sidecar_urls")
   "control" (list "store" "etcd_endpoints" "run_name")
   "reward" (list "sandbox_url") -}}
 {{- range $section, $keys := $owned -}}
@@ -122,11 +145,15 @@ pod, on the command lines (from the pod's name). */}}
 {{- $engines := int .Values.rollout.enginesPerPod -}}
 {{- $engineArgs := list "--tp-size" (toString (div (int .Values.gpusPerPod) $engines)) "--dp-size" (toString $engines) -}}
 {{- $_ := set $rollout "engine" "sglang" -}}
+{{- $_ := set $rollout "engine_host" (ternary "0.0.0.0" "127.0.0.1" (eq (include "megatron-rl.multiNode" .) "true")) -}}
 {{- $_ := set $rollout "sglang_args" (concat $engineArgs $userArgs) -}}
 {{- $_ := set $config "rollout" $rollout -}}
 {{- $hybrid := get $config "hybrid" | default dict -}}
-{{- $_ := set $hybrid "sidecar_host" "127.0.0.1" -}}
+{{- $_ := set $hybrid "sidecar_host" (ternary "0.0.0.0" "127.0.0.1" (eq (include "megatron-rl.multiNode" .) "true")) -}}
 {{- $_ := set $hybrid "sidecar_port" (int .Values.rollout.sidecarPort) -}}
+{{- if include "megatron-rl.multiNode" . -}}
+{{- $_ := set $hybrid "peer_sidecar_urls" (include "megatron-rl.peerSidecarUrls" . | fromJsonArray) -}}
+{{- end -}}
 {{- $_ := set $hybrid "sidecar_url" (include "megatron-rl.sidecarUrl" .) -}}
 {{- $_ := set $hybrid "shm_dir" "/dev/shm" -}}
 {{- $_ := set $config "hybrid" $hybrid -}}
@@ -159,6 +186,10 @@ pod, on the command lines (from the pod's name). */}}
 {{- if ne (len $ports) (len (uniq $ports)) -}}
 {{- fail (printf "rollout.enginePort, rollout.sidecarPort and rendezvous.port must differ (they share the pod's network): %v" $ports) -}}
 {{- end -}}
+{{- $weightSync := get (get .Values.config "hybrid" | default dict) "weight_sync" | default "disk" -}}
+{{- if and (gt (int .Values.nodes) 1) (ne $weightSync "nccl") -}}
+{{- fail (printf "config.hybrid.weight_sync: with nodes > 1 every pod's engine rolls out and gets the weights by broadcast from the trainer; set it to nccl (not %s)" $weightSync) -}}
+{{- end -}}
 {{- if and (gt (int .Values.nodes) 1) (not .Values.checkpoints.existingClaim) (not (has "ReadWriteMany" .Values.checkpoints.accessModes)) -}}
 {{- fail "checkpoints.accessModes: with nodes > 1 every pod writes checkpoint shards to the run directory; use ReadWriteMany (or an existingClaim on a shared file system)" -}}
 {{- end -}}
@@ -176,6 +207,18 @@ pod, on the command lines (from the pod's name). */}}
       fieldPath: metadata.name
 - name: RUN_DIR
   value: {{ include "megatron-rl.runDir" . }}
+- name: NODE_RANK
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+{{- if include "megatron-rl.multiNode" . }}
+# The sidecars' and engines' bearer token: they listen on the pod network.
+- name: MEGATRON_RL_SIDECAR_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "megatron-rl.sidecarTokenSecret" . }}
+      key: token
+{{- end }}
 {{- end -}}
 
 {{- define "megatron-rl.podVolumeMounts" -}}
