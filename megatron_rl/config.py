@@ -34,7 +34,16 @@ class ModelConfig(Section):
 class ParallelConfig(Section):
     tp: int = Field(1, ge=1, description="tensor-parallel size")
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
-    cp: int = Field(1, ge=1, description="context-parallel size (GPU with Transformer Engine only)")
+    cp: int = Field(1, ge=1, description="context-parallel size (not wired into the trainer yet: 1)")
+
+    @pydantic.field_validator("cp")
+    @classmethod
+    def _context_parallel_not_yet(cls, cp: int) -> int:
+        # Accepting it would run without it: the trainer does not split sequences over CP ranks yet.
+        if cp != 1:
+            raise ValueError(f"cp={cp}: context parallelism is not wired into the trainer yet (sequences are not split "
+                             "over CP ranks); use parallel.cp=1 and shard long sequences' activations with TP and PP")
+        return cp
 
 
 class PartialRolloutConfig(Section):

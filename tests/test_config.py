@@ -44,6 +44,13 @@ def test_ill_typed_values_name_key_and_allowed_values():
         load_config(None, ["parallel.tp=0"])
     with pytest.raises(UserError, match=r"'train.micro_batch_size'.*integer"):
         load_config(None, ["train.micro_batch_size=many"])
+    # Accepted, it would silently run without it.
+    with pytest.raises(UserError, match=r"'parallel.cp'.*context parallelism is not wired into the trainer yet.*"
+                                        r"use parallel.cp=1"):
+        load_config(None, ["parallel.cp=2"])
+    with pytest.raises(UserError, match=r"'hybrid'.*peer_sidecar_urls name engines on other pods.*use "
+                                        r"hybrid.weight_sync=nccl"):
+        load_config(None, ["hybrid.peer_sidecar_urls=[http://pod-1:31000]"])
 
 
 def test_malformed_override_and_yaml(tmp_path):

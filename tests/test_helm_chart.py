@@ -85,7 +85,7 @@ def test_the_config_map_carries_a_run_config_megatron_rl_accepts(scenario, tmp_p
     assert {k: getattr(config.model, k) for k in model} == {k: merged["model"][v] for k, v in model.items()}
     assert config.parallel.model_dump() == merged["parallel"]
     if name == "multinode-128k":  # the example's own settings reach the run, with the chart's on top
-        assert config.model.max_sequence_length == 131072 and config.parallel.cp == 2
+        assert config.model.max_sequence_length == 131072 and config.parallel.tp == 8
         assert config.rollout.partial.segment_token_budget == 16384
         assert config.rollout.sglang_args[:4] == ["--tp-size", "4", "--dp-size", "2"]
         assert "--context-length" in config.rollout.sglang_args
@@ -160,6 +160,7 @@ def test_the_schema_lists_every_config_section_the_chart_does_not_own():
     ("config:\n  model:\n    dtype: float32\n", "at '/config': additional properties 'model' not allowed"),
     ("config:\n  control:\n    run_name: other\n", "config.control.run_name is set by the chart"),
     ("config:\n  rollout:\n    sglang_args: [--tp-size, '2']\n", "config.rollout.sglang_args: --tp-size is set by the chart"),
+    ("parallel:\n  cp: 2\n", "parallel.cp: context parallelism is not wired into megatron-rl's trainer yet"),
     ("parallel:\n  tp: 3\n", "parallel.tp × pp × cp = 3 does not divide the trainer's world size nodes × gpusPerPod = 8"),
     ("nodes: 2\ncheckpoints:\n  accessModes: [ReadWriteOnce]\nconfig:\n  hybrid:\n    weight_sync: nccl\n",
      "checkpoints.accessModes: with nodes > 1"),

@@ -179,6 +179,9 @@ pod, on the command lines (from the pod's name). */}}
 {{- if ne 0 (mod $world $modelParallel) -}}
 {{- fail (printf "parallel.tp × pp × cp = %d does not divide the trainer's world size nodes × gpusPerPod = %d; change parallel or the pod layout" $modelParallel $world) -}}
 {{- end -}}
+{{- if gt (int .Values.parallel.cp) 1 -}}
+{{- fail "parallel.cp: context parallelism is not wired into megatron-rl's trainer yet; use cp 1 (and TP/PP for long sequences)" -}}
+{{- end -}}
 {{- if ne 0 (mod (int .Values.gpusPerPod) (int .Values.rollout.enginesPerPod)) -}}
 {{- fail (printf "rollout.enginesPerPod = %d does not divide gpusPerPod = %d (each engine takes an equal share of the pod's GPUs)" (int .Values.rollout.enginesPerPod) (int .Values.gpusPerPod)) -}}
 {{- end -}}
