@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from megatron_rl.cli import main
 from megatron_rl.control import StoreError, run_prefix
 from megatron_rl.control.etcd_store import EtcdStore
 from megatron_rl.hybrid.phases import PhaseRecord
+from megatron_rl.hybrid.weight_sync import RegisteredWeights
 from megatron_rl.hybrid.sidecar_client import SidecarClient
 from megatron_rl.net import free_port
 from megatron_rl.rollout.client import EngineClient
@@ -97,9 +99,14 @@ def test_an_engine_killed_mid_rollout_is_restarted_and_no_sample_is_lost_or_doub
     on. Two: the killed one's requests finish on the other; with disk it is back at once, with cuda_ipc it
     sits out the rest of the rollout, back with the next push."""
     run_name, store_overrides = etcd_run(etcd_server.endpoint)
+    registered = {}
+
+    def strike(sidecar: dict) -> None:
+        registered.update(striker.store.get_prefix(run_prefix(run_name) + "weights/"))  # what the sidecars load
+        os.kill(sidecar["engine_pid"], signal.SIGKILL)
+
     # The run's last engine dies while it generates in rollout 2 (the second registers as pod-0-1).
-    striker = Striker(etcd_server.endpoint, run_name, rolling_out(2),
-                      lambda sidecar: os.kill(sidecar["engine_pid"], signal.SIGKILL),
+    striker = Striker(etcd_server.endpoint, run_name, rolling_out(2), strike,
                       pod_name="pod-0" if engines == 1 else "pod-0-1")
     try:
         code = main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), *SMALL_RUN,
@@ -120,6 +127,13 @@ def test_an_engine_killed_mid_rollout_is_restarted_and_no_sample_is_lost_or_doub
     # Every sample came from the trainer's weights (version 1): their log-probs agree.
     assert {version for r in rollout for version in r["weight_versions"]} == {"1"}
     assert all(m["rollout_logprob_gap"] < 1e-3 for m in metrics)
+    if weight_sync == "disk":  # version 1's shards were on record, as written into shared memory
+        (record,) = [RegisteredWeights.model_validate_json(value) for value in registered.values()]
+        assert record.weight_version == "1" and record.host == socket.gethostname() and record.shards
+        # (the files hold the tensors plus their safetensors headers)
+        assert record.total_bytes == sum(record.shards.values()) >= metrics[0]["weight_sync_bytes"] > 0
+    else:
+        assert registered == {}
     phases = [key.rsplit("-", 1)[-1] for key in sorted(transitions)]
     if (engines, weight_sync) == (1, "cuda_ipc"):  # version 1 pushed again in the middle of rollout 2
         assert phases[:3] == ["rollout", "sync", "rollout"]

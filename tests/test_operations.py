@@ -131,13 +131,15 @@ def test_a_trainer_killed_anywhere_resumes_from_its_last_checkpoint_exactly(stra
     # Killed while generating, while training, and while writing a checkpoint; each time restarted with
     # --auto-resume, as Kubernetes would restart the pod.
     arguments = ["--config", TINY, *crash_settings]
+    half_written = run_dir / "checkpoints" / "iteration-000004.tmp"
     for strike in [("rollout", 2), ("train", 3), ("checkpoint", 4)]:
         process = train_process(run_dir, "--auto-resume", *arguments)
-        wait_for(lambda: phase() == strike, interval=0.01)
+        # (In the checkpoint phase, once its write has begun: the phase is entered just before.)
+        wait_for(lambda: phase() == strike and (strike[0] != "checkpoint" or half_written.exists()), interval=0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
         arguments = crash_settings
-    assert (run_dir / "checkpoints" / "iteration-000004.tmp").exists()  # the write the kill interrupted
+    assert half_written.exists()  # the write the kill interrupted
     finish(train_process(run_dir, "--auto-resume", *arguments))
     store.close()
     assert_same_run(run_dir, straight_run, tmp_path)

@@ -7,8 +7,9 @@ returning `SyncedWeights`; the driver then has the engine's controller load or r
 - `disk` (k1.5's, `DiskWeightSync` here): every pipeline stage writes its weights, gathered over TP and
   named as in HF, as safetensors into shared memory (`hybrid.shm_dir`, /dev/shm by default), in buckets
   of at most `hybrid.bucket_size_mb`, so a rank never holds more than one bucket beyond its shard. The
-  sidecar loads the directory with `update_weights_from_disk` and keeps it until a newer one loaded, to
-  re-load it after an engine crash.
+  shards are registered in the run's metadata (`RegisteredWeights` at `<run prefix>weights/<version>`,
+  the newest version only), the sidecar loads the directory with `update_weights_from_disk` and keeps it
+  until a newer one loaded, to re-load it after an engine crash.
 - `cuda_ipc` and `nccl` (hybrid/weight_push.py): buckets handed to the engine by handle
   (`update_weights_from_tensor`) or broadcast to it (`update_weights_from_distributed`). Nothing is on
   disk: an engine that crashes loses the version. Its rollout is then interrupted (its trajectories are
@@ -17,12 +18,18 @@ returning `SyncedWeights`; the driver then has the engine's controller load or r
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from megatron_rl.control.store import MetadataStore, run_prefix
 from megatron_rl.errors import UserError
 
 
@@ -45,6 +52,38 @@ class SyncedWeights:
     @property
     def gigabytes_per_second(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class RegisteredWeights(BaseModel):
+    """A weight version in shared memory (disk path), as `<run prefix>weights/<version>` records it: where
+    its safetensors shards are, on which host, and their sizes (what the engines' sidecars load)."""
+
+    weight_version: str
+    host: str
+    directory: str
+    shards: dict[str, int]  # file name → bytes
+    total_bytes: int
+    registered_at: datetime.datetime
+
+
+def weights_key(run_name: str, weight_version: str) -> str:
+    return f"{run_prefix(run_name)}weights/{weight_version}"
+
+
+def register_weights(store: MetadataStore, run_name: str, weights: SyncedWeights) -> RegisteredWeights:
+    """Record the shards of the directory `weights.path` (its index names them) as the run's newest weight
+    version, and drop the record of any older one (its directory is gone once the engines load this)."""
+    index = json.loads((weights.path / "model.safetensors.index.json").read_text())
+    shards = {name: (weights.path / name).stat().st_size for name in sorted(set(index["weight_map"].values()))}
+    record = RegisteredWeights(weight_version=weights.weight_version, host=socket.gethostname(),
+                               directory=str(weights.path), shards=shards, total_bytes=sum(shards.values()),
+                               registered_at=datetime.datetime.now(datetime.timezone.utc))
+    key = weights_key(run_name, weights.weight_version)
+    store.put(key, record.model_dump_json())
+    for older in store.get_prefix(f"{run_prefix(run_name)}weights/"):
+        if older != key:
+            store.delete(older)
+    return record
 
 
 @dataclass
