@@ -1,7 +1,8 @@
 """`megatron-rl bench rollout`: synchronous full rollouts against partial rollouts on a long-tail workload.
 
-One real engine serves all three measurements, one after the other, in one run: the embedded engine
-(started here, serving SmolLM2-135M-Instruct by default) or any SGLang-compatible server (`--engine-url`).
+Real engines serve all three measurements, one after the other, in one run: the embedded engine (started
+here, serving SmolLM2-135M-Instruct by default) or SGLang-compatible servers (`--engine-url`, repeated for
+data-parallel rollout over several: the rollout master spreads the requests, the slots add up).
 
 Workload. Prompts: the synthetic arithmetic problems of `make run`, chat-formatted. Each trajectory
 (group g, sample s) gets its own response length, drawn from a log-normal distribution (median
@@ -66,7 +67,8 @@ PROMPT_COUNT = 512
 @dataclass(frozen=True)
 class BenchSettings:
     model: str = "builtin:smollm2-135m-instruct"
-    engine_url: str | None = None
+    engine_urls: tuple[str, ...] = ()  # none: start the embedded engine
+    api_key: str | None = None  # of engines started with --api-key
     slots: int = 24  # max_running_requests of the embedded engine started here
     samples_per_prompt: int = 8
     groups_per_iteration: int = 8
@@ -241,26 +243,32 @@ def run(settings: BenchSettings) -> dict:
           f"load average {load_before[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as scratch:
         engine_process = None
-        if settings.engine_url is None:
+        if not settings.engine_urls:
             engine_process = EmbeddedEngineProcess(model_dir, Path(scratch) / "engine.log", load_format="auto",
                                                    max_running_requests=settings.slots)
-            client = engine_process.start()
+            clients = [engine_process.start()]
         else:
-            client = EngineClient(settings.engine_url)
-            try:
-                client.get_model_info()
-            except EngineError as error:
-                raise UserError(f"{error} (--engine-url); start the engine there or leave --engine-url out") from None
-        client = EngineClient(client.base_url, timeout=3600)
+            clients = [EngineClient(url, timeout=30, api_key=settings.api_key) for url in settings.engine_urls]
+            for client in clients:
+                try:
+                    client.get_model_info()
+                except EngineError as error:
+                    raise UserError(f"{error} (--engine-url); start the engine there or leave --engine-url out") from None
+        clients = [client.with_timeout(3600) for client in clients]
         try:
-            master = RolloutMaster([client], record_timeline=True)
-            slots, weight_version = master.capacity, client.weight_version()
-            print(f"engine {client.base_url}: {slots} slots; iteration budget of partial rollouts {budget} tokens "
-                  f"({settings.groups_per_iteration} groups x {settings.samples_per_prompt} samples x "
+            master = RolloutMaster(clients, record_timeline=True)
+            slots, weight_version = master.capacity, clients[0].weight_version()
+            served = {client.base_url: client.weight_version() for client in clients}
+            if len(set(served.values())) > 1:
+                raise UserError(f"the engines serve different weight versions ({served}); benchmark engines that "
+                                "serve the same weights")
+            print(f"{len(clients)} engine(s) {', '.join(served)}: {slots} slots; iteration budget of partial rollouts "
+                  f"{budget} tokens ({settings.groups_per_iteration} groups x {settings.samples_per_prompt} samples x "
                   f"{mean_length:.1f})", flush=True)
             # Warm-up: first-call allocations and lazy imports, outside every measurement.
-            client.generate([GenerateRequest(input_ids=workload.prompts[0].input_ids,
-                                             sampling_params=SamplingParams(max_new_tokens=4))])
+            for client in clients:
+                client.generate([GenerateRequest(input_ids=workload.prompts[0].input_ids,
+                                                 sampling_params=SamplingParams(max_new_tokens=4))])
             saturated = measure_saturated(master, workload)
             print(f"  saturated: {saturated.tokens_per_second:.1f} tok/s over {saturated.seconds:.1f} s, busy "
                   f"{saturated.busy_fraction:.0%}", flush=True)
@@ -272,6 +280,7 @@ def run(settings: BenchSettings) -> dict:
                 max_new_tokens=settings.length_cap, segment_token_budget=settings.segment_tokens,
                 iteration_token_budget=budget, max_iterations_per_trajectory=settings.max_iterations_per_trajectory),
                 weight_version)
+            requests_per_engine = {engine.url: engine.completed for engine in master.stats()}
             master.close()
         finally:
             if engine_process is not None:
@@ -279,10 +288,11 @@ def run(settings: BenchSettings) -> dict:
     modes = [saturated, sync, partial]
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "api_key": None},  # (never written out)
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_before": load_before,
                     "load_average_after": os.getloadavg()},
-        "engine": {"url": settings.engine_url or "embedded (started by the bench)", "slots": slots},
+        "engine": {"urls": list(settings.engine_urls) or ["embedded (started by the bench)"], "slots": slots,
+                   "requests_answered": requests_per_engine},
         "workload": {"prompt_tokens_min": min(prompt_lengths), "prompt_tokens_max": max(prompt_lengths),
                      "mean_response_length": mean_length, "partial_iteration_token_budget": budget},
         "modes": {mode.mode: {**{k: v for k, v in asdict(mode).items() if k not in ("timeline",)},
@@ -335,7 +345,8 @@ def plot(report: dict, path: Path) -> None:
                 occupancy.axvline(boundary, color=color, linestyle=":", linewidth=0.8)
     occupancy.axhline(slots, color="black", linewidth=0.8)
     occupancy.set(xlabel="seconds since the mode started (dotted: iteration boundaries)", ylabel="requests running",
-                  title=f"engine slots in use ({slots} slots)", ylim=(0, slots * 1.1))
+                  title=f"engine slots in use ({slots} slots, {len(report['engine']['urls'])} engine(s))",
+                  ylim=(0, slots * 1.1))
     occupancy.legend(loc="lower right")
     names = ["saturated", "sync", "partial"]
     values = [report["modes"][name]["tokens_per_second"] for name in names]

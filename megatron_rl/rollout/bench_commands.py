@@ -13,8 +13,10 @@ def register(subparsers) -> None:
         "rollout", help="synchronous full rollouts vs partial rollouts on a long-tail workload, with the engine's "
                         "saturated throughput as the ceiling (megatron_rl/rollout/bench.py says how)")
     defaults = BenchSettings()
-    rollout.add_argument("--engine-url", default=None,
-                         help="a running SGLang or `megatron-rl engine serve`; default: start the embedded engine")
+    rollout.add_argument("--engine-url", dest="engine_urls", action="append", default=[],
+                         help="a running SGLang or `megatron-rl engine serve`; repeat it for several engines (the "
+                              "rollout master spreads the requests); default: start the embedded engine")
+    rollout.add_argument("--api-key", default=None, help="the engines' --api-key, if they were started with one")
     rollout.add_argument("--model", default=defaults.model,
                          help=f"model to serve (and whose tokenizer formats the prompts); default {defaults.model}")
     rollout.add_argument("--slots", type=int, default=defaults.slots,
@@ -44,6 +46,7 @@ def run_rollout_bench(args: argparse.Namespace) -> int:
     from megatron_rl.rollout.bench import BenchSettings, main
 
     values = {name: getattr(args, name) for name in BenchSettings.__dataclass_fields__}
+    values["engine_urls"] = tuple(values["engine_urls"])
     for name in ("slots", "samples_per_prompt", "groups_per_iteration", "length_median", "length_min", "length_cap",
                  "segment_tokens", "max_iterations_per_trajectory", "sync_iterations", "partial_iterations"):
         if values[name] < 1:
