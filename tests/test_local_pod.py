@@ -70,3 +70,12 @@ def test_an_engine_beyond_loopback_refuses_requests_without_its_key(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "megatron_rl.cli", "engine", "serve", "--model", "x",
                               "--host", "0.0.0.0"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "pass --api-key KEY too" in refused.stderr
+
+
+def test_more_pods_than_one_without_the_broadcast_weight_path_is_refused_before_anything_starts(tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "-m", "megatron_rl.cli", "local-pod", "--config", "megatron_rl/examples/local-pod.yaml",
+         "--run-dir", str(tmp_path / "pods"), "--pods", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2
+    assert "--pods 2: the other pods' engines get the weights by broadcast; add hybrid.weight_sync=nccl" in finished.stderr
+    assert not (tmp_path / "pods").exists()  # no etcd, no sidecar, nothing written

@@ -164,6 +164,13 @@ def test_more_engines_than_one_where_they_cannot_be_started_is_refused_by_name(t
     assert message in capsys.readouterr().err
 
 
+def test_an_engine_beyond_loopback_without_a_token_for_its_api_key_is_refused_by_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MEGATRON_RL_SIDECAR_TOKEN", raising=False)
+    assert main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), "rollout.engine_host=0.0.0.0"]) == 2
+    assert ("rollout.engine_host=0.0.0.0 is not a loopback address, and there is no token for the engine's API key: "
+            "set hybrid.sidecar_token_file") in capsys.readouterr().err
+
+
 def test_a_push_path_with_the_restart_lifecycle_is_refused_by_name(tmp_path, capsys):
     assert main(["train", "--config", TINY, "--run-dir", str(tmp_path / "run"), "hybrid.weight_sync=nccl",
                  "hybrid.engine_lifecycle=restart"]) == 2
