@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # Each `make run` writes a new run directory (a run never overwrites another's records).
 RUN_DIR ?= runs/smollm2-arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install system-deps run run-tiny run-pod test bench-rollout render-chart kube-apiserver
+.PHONY: install system-deps run run-tiny run-pod run-pods test bench-rollout render-chart kube-apiserver
 
 install: $(STAMP) system-deps
 
@@ -40,6 +40,11 @@ run-tiny: install
 # One pod's layout on this machine: etcd, the sidecar (owning the engine) and the trainer as separate processes.
 run-pod: install
 	$(VENV)/bin/megatron-rl local-pod --config megatron_rl/examples/local-pod.yaml --run-dir runs/pod-$(shell date +%Y%m%d-%H%M%S)
+
+# A multi-node layout on this machine: two pods' sidecars and engines, pod-0's trainer rolling out over both and
+# broadcasting every weight version to each (hybrid.peer_sidecar_urls, hybrid.weight_sync=nccl).
+run-pods: install
+	$(VENV)/bin/megatron-rl local-pod --config megatron_rl/examples/local-pod.yaml --pods 2 --run-dir runs/pods-$(shell date +%Y%m%d-%H%M%S) hybrid.weight_sync=nccl
 
 # Synchronous vs partial rollouts on a long-tail workload against a real engine (the embedded one by default;
 # ARGS="--engine-url URL" for a running SGLang). A table on stdout; JSON and PNG in benchmarks/results/.

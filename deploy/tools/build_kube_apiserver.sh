@@ -9,7 +9,9 @@
 # Prints the binary's path. Needs root for apt-get (golang-go, rsync) unless they are installed.
 set -euo pipefail
 
-CACHE_DIR=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron-rl/kube-apiserver}
+# The same place tests/kube_apiserver.py looks (Python's Path.home() when HOME is unset).
+HOME_DIR=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+CACHE_DIR=${1:-${XDG_CACHE_HOME:-$HOME_DIR/.cache}/megatron-rl/kube-apiserver}
 BINARY=$CACHE_DIR/v1.20.2/kube-apiserver
 if [ -x "$BINARY" ]; then echo "$BINARY"; exit 0; fi
 
