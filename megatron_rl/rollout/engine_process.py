@@ -3,8 +3,8 @@
 The RL loop starts an embedded one when no `rollout.engine_url` is given; the sidecar owns one per pod.
 The server is a real child process speaking SGLang's HTTP API (on loopback unless `rollout.engine_host`
 says otherwise, for a driver on another pod; then with an API key), so the code that talks to it is the
-code that talks to SGLang. Both kinds share `EngineProcess`; they differ only in
-the command line and the environment they are started with.
+code that talks to SGLang. Both kinds share `EngineProcess`; they differ only in the command line and the
+environment they are started with.
 
 Engine processes die with the process that started them (Linux `PR_SET_PDEATHSIG`), so a killed sidecar
 or driver leaves no orphan engine holding GPU memory. The kernel ties that signal to the *thread* that

@@ -13,7 +13,8 @@ Failures, per request:
   the weight version of the newest request (one restarted without its pushed weights stays out until the
   next weight sync reaches it: `weights_synced`). When no engine is up, `recover(engine, weight_version)`
   (e.g. the sidecar waiting for its engine's restart) is called and must return once the engine is back,
-  or raise (the queued requests then fail with its error); without it they fail with `RolloutFailed`. A request that loses its engine more than MAX_ENGINE_LOSSES_PER_REQUEST times fails too.
+  or raise (the queued requests then fail with its error); without it they fail with `RolloutFailed`.
+  A request that loses its engine more than MAX_ENGINE_LOSSES_PER_REQUEST times fails too.
 - no answer within `request_timeout` s: the request is aborted on that engine and retried once elsewhere;
 - an error answer: 4xx fails the request at once (it would fail again), others are retried once elsewhere;
 - the answer carries another weight version than the caller expects: `StaleWeightsError`.
