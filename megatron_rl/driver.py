@@ -30,13 +30,13 @@ from megatron_rl.data.prompts import PromptRecord, load_prompts
 from megatron_rl.data.sampler import make_sampler
 from megatron_rl.data.synthetic import synthetic_prompt_sets
 from megatron_rl.control.operations import EngineSummary, IterationSummary, RunControl, RunOperation, RunStatus
-from megatron_rl.control.store import run_prefix, store_from_config
+from megatron_rl.control.store import store_from_config
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hybrid.engine_control import EngineGroup
 from megatron_rl.hybrid.phases import FINAL_PHASES, PhaseOrchestrator
 from megatron_rl.hybrid.sidecar_protocol import load_sidecar_token
 from megatron_rl.hybrid.swap_guard import ProbeReference, SwapCheck, check_engine, probe_sequences
-from megatron_rl.hybrid.weight_sync import EnginesLostWeights, SyncedWeights, register_weights
+from megatron_rl.hybrid.weight_sync import EnginesLostWeights, SyncedWeights, register_weights, weights_prefix
 from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line, set_aside_after
 from megatron_rl.reward.batch import RewardBackends, RewardRequest, RewardResult, score_batch
 from megatron_rl.rollout.client import EngineClient
@@ -194,7 +194,7 @@ class Driver:
         except Exception as error:  # closing must go on: the engine is stopped next
             logger.warning("could not mark the run failed in the metadata store: %s", error)
         try:  # the shared-memory weights go with the run (DiskWeightSync.close), and so do their records
-            self.store.delete_prefix(run_prefix(self.config.control.run_name) + "weights/")
+            self.store.delete_prefix(weights_prefix(self.config.control.run_name))
         except Exception as error:  # a later run of the same name replaces them
             logger.warning("could not remove the run's weight records from the metadata store: %s", error)
         self.phases.close()

@@ -21,7 +21,7 @@ from megatron_rl.cli import main
 from megatron_rl.control import StoreError, run_prefix
 from megatron_rl.control.etcd_store import EtcdStore
 from megatron_rl.hybrid.phases import PhaseRecord
-from megatron_rl.hybrid.weight_sync import RegisteredWeights
+from megatron_rl.hybrid.weight_sync import RegisteredWeights, weights_prefix
 from megatron_rl.hybrid.sidecar_client import SidecarClient
 from megatron_rl.net import free_port
 from megatron_rl.rollout.client import EngineClient
@@ -102,7 +102,7 @@ def test_an_engine_killed_mid_rollout_is_restarted_and_no_sample_is_lost_or_doub
     registered = {}
 
     def strike(sidecar: dict) -> None:
-        registered.update(striker.store.get_prefix(run_prefix(run_name) + "weights/"))  # what the sidecars load
+        registered.update(striker.store.get_prefix(weights_prefix(run_name)))  # what the sidecars load
         os.kill(sidecar["engine_pid"], signal.SIGKILL)
 
     # The run's last engine dies while it generates in rollout 2 (the second registers as pod-0-1).

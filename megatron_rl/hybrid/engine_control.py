@@ -124,14 +124,13 @@ class EngineControl:
 
             return cls(SidecarClient.from_config(hybrid, timeout=rollout.request_timeout_s), config, store,
                        pod_name=hybrid.pod_name)
-        from megatron_rl.hybrid.sidecar import sidecar_from_config
+        from megatron_rl.hybrid.sidecar import engine_log_path, sidecar_from_config
         from megatron_rl.hybrid.sidecar_metadata import SidecarRegistration
 
         sidecar = sidecar_from_config(config, run_dir, index=index).start()
         registration = SidecarRegistration(sidecar, lambda: store, run_name=config.control.run_name,
                                            lease_ttl_s=hybrid.sidecar_lease_ttl_s, close_store=False).start()
-        return cls(sidecar, config, store, owned=[registration, sidecar],
-                   engine_log=Path(run_dir) / ("engine.log" if index == 0 else f"engine-{index}.log"),
+        return cls(sidecar, config, store, owned=[registration, sidecar], engine_log=engine_log_path(run_dir, index),
                    pod_name=sidecar.pod_name)
 
     @property
@@ -159,9 +158,9 @@ class EngineControl:
         if self.lifecycle == "release" and "weights" in self.control.status().released_tags:
             self._do("resuming the engine's weights", lambda: self.control.resume_memory(["weights"]))
 
-    def load(self, weights: SyncedWeights) -> None:
+    def load(self, weights: SyncedWeights) -> float:
         """Load a written weight version (a stopped engine loads it at start), or record a pushed one, and
-        check the engine serves it."""
+        check the engine serves it; returns the seconds it took."""
         started = time.monotonic()
         if weights.path is None:
             self._do(f"weight sync of version {weights.weight_version}",
@@ -169,7 +168,7 @@ class EngineControl:
         else:
             self._do(f"weight sync of version {weights.weight_version}",
                      lambda: self.control.load_weights(str(weights.path), weights.weight_version))
-        weights.load_seconds = time.monotonic() - started
+        return time.monotonic() - started
 
     def resume(self, weight_version: str) -> None:
         """After the weight push: the rest of the engine's memory back, or the engine started again."""
@@ -284,11 +283,7 @@ class EngineGroup:
 
     def load(self, weights: SyncedWeights) -> None:
         """Every engine loads (or records) the version; `weights.load_seconds` is their total."""
-        total = 0.0
-        for control in self.controls:
-            control.load(weights)
-            total += weights.load_seconds
-        weights.load_seconds = total
+        weights.load_seconds = sum(control.load(weights) for control in self.controls)
 
     def resume(self, weight_version: str) -> None:
         for control in self.controls:

@@ -544,6 +544,11 @@ def _state_hint(state: SidecarState) -> str:
             "starting": " (still starting; see the engine log)"}.get(state, "")
 
 
+def engine_log_path(log_dir: Path, index: int = 0) -> Path:
+    """Where engine `index` of a run's `rollout.engines` logs (the first: engine.log)."""
+    return Path(log_dir) / ("engine.log" if index == 0 else f"engine-{index}.log")
+
+
 def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | None = None, index: int = 0) -> Sidecar:
     """A sidecar for model.hf_path served by rollout.engine, with hybrid.* settings; its engine log is
     `log_dir/engine.log`. Engine `index` > 0 of a run's `rollout.engines` logs to engine-INDEX.log and is
@@ -554,16 +559,18 @@ def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | Non
         raise UserError("model.hf_path is not set; the sidecar serves that model (an HF directory or builtin:NAME)")
     model_dir = resolve_hf_dir(config.model.hf_path)
     rollout = config.rollout
-    log_path = Path(log_dir) / ("engine.log" if index == 0 else f"engine-{index}.log")
+    log_path = engine_log_path(log_dir, index)
     # SGLang's flag for batch-invariant kernels; the embedded engine takes the same one.
     deterministic = ("--enable-deterministic-inference",) if rollout.deterministic_inference else ()
     hybrid = config.hybrid
     # Beyond loopback (a driver on another pod) the engine asks for the sidecar's token as its API key.
-    api_key = None if is_loopback(rollout.engine_host) else load_sidecar_token(hybrid)
-    if api_key is None and not is_loopback(rollout.engine_host):
-        raise UserError(f"rollout.engine_host={rollout.engine_host} is not a loopback address, and there is no token "
-                        f"for the engine's API key: set hybrid.sidecar_token_file (or env {SIDECAR_TOKEN_ENV}), or "
-                        "keep rollout.engine_host=127.0.0.1")
+    api_key = None
+    if not is_loopback(rollout.engine_host):
+        api_key = load_sidecar_token(hybrid)
+        if api_key is None:
+            raise UserError(f"rollout.engine_host={rollout.engine_host} is not a loopback address, and there is no "
+                            f"token for the engine's API key: set hybrid.sidecar_token_file (or env {SIDECAR_TOKEN_ENV}), "
+                            "or keep rollout.engine_host=127.0.0.1")
     listen = {"host": rollout.engine_host, "advertise_host": hybrid.advertise_host, "api_key": api_key}
     if rollout.engine == "sglang":
         check_sglang_args(rollout.sglang_args)

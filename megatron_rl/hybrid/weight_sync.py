@@ -66,8 +66,9 @@ class RegisteredWeights(BaseModel):
     registered_at: datetime.datetime
 
 
-def weights_key(run_name: str, weight_version: str) -> str:
-    return f"{run_prefix(run_name)}weights/{weight_version}"
+def weights_prefix(run_name: str) -> str:
+    """Where a run's `RegisteredWeights` records are, one key per weight version below it."""
+    return f"{run_prefix(run_name)}weights/"
 
 
 def register_weights(store: MetadataStore, run_name: str, weights: SyncedWeights) -> RegisteredWeights:
@@ -78,9 +79,9 @@ def register_weights(store: MetadataStore, run_name: str, weights: SyncedWeights
     record = RegisteredWeights(weight_version=weights.weight_version, host=socket.gethostname(),
                                directory=str(weights.path), shards=shards, total_bytes=sum(shards.values()),
                                registered_at=datetime.datetime.now(datetime.timezone.utc))
-    key = weights_key(run_name, weights.weight_version)
+    key = weights_prefix(run_name) + weights.weight_version
     store.put(key, record.model_dump_json())
-    for older in store.get_prefix(f"{run_prefix(run_name)}weights/"):
+    for older in store.get_prefix(weights_prefix(run_name)):
         if older != key:
             store.delete(older)
     return record

@@ -257,8 +257,8 @@ def run(settings: BenchSettings) -> dict:
         clients = [client.with_timeout(3600) for client in clients]
         try:
             master = RolloutMaster(clients, record_timeline=True)
-            slots, weight_version = master.capacity, clients[0].weight_version()
-            served = {client.base_url: client.weight_version() for client in clients}
+            slots, served = master.capacity, {client.base_url: client.weight_version() for client in clients}
+            weight_version = served[clients[0].base_url]
             if len(set(served.values())) > 1:
                 raise UserError(f"the engines serve different weight versions ({served}); benchmark engines that "
                                 "serve the same weights")
