@@ -8,7 +8,6 @@ it has not been built; the kmock tests in the same files cover the same client c
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import subprocess
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_rl.net import free_port
+
 BINARY = Path(os.environ.get("KUBE_APISERVER") or
               Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-rl" / "kube-apiserver"
               / "v1.20.2" / "kube-apiserver")
@@ -26,18 +27,12 @@ BUILD_HINT = "no kube-apiserver binary is cached: `make kube-apiserver` builds o
 ADMIN_TOKEN = "admin-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class KubeApiServer:
     """kube-apiserver on 127.0.0.1. `tokens` maps bearer token → (user, groups); the admin token is added."""
 
     def __init__(self, etcd_endpoint: str, work_dir: Path, tokens: dict[str, tuple[str, list[str]]]):
         self.work_dir = work_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         lines = [f'{ADMIN_TOKEN},admin,admin,"system:masters"']
         lines += [f'{token},{user},{user},"{",".join(groups)}"' for token, (user, groups) in tokens.items()]
