@@ -95,19 +95,25 @@ def shard_for_rank(split: str, hf_tensors: list[torch.Tensor], arch: ModelArchit
     raise ValueError(split)
 
 
+def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat, except that one tensor comes back as itself: at TP = 1 a merge copies nothing."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def merge_shards(split: str, shards: list[torch.Tensor], arch: ModelArchitecture) -> list[torch.Tensor]:
-    """Inverse of shard_for_rank: the full HF tensors from every TP rank's shard."""
+    """Inverse of shard_for_rank: the full HF tensors from every TP rank's shard. They may be views of the
+    shards (always at TP = 1, except q, k and v, whose per-group interleave only a copy undoes)."""
     if split == REPLICATED:
         return [shards[0]]
     if split in (VOCAB, COLUMN):
-        return [torch.cat(shards, dim=0)]
+        return [_joined(shards, 0)]
     if split == ROW:
-        return [torch.cat(shards, dim=1)]
+        return [_joined(shards, 1)]
     if split == QKV:
         groups, head_dim = arch.num_query_groups, arch.head_dim
         heads_per_group = arch.num_attention_heads // groups
         trailing = shards[0].shape[1:]
-        fused = torch.cat(shards, dim=0).reshape(groups, heads_per_group + 2, head_dim, *trailing)
+        fused = _joined(shards, 0).reshape(groups, heads_per_group + 2, head_dim, *trailing)
         return [
             fused[:, :heads_per_group].reshape(-1, *trailing),
             fused[:, heads_per_group].reshape(-1, *trailing),
@@ -115,7 +121,7 @@ def merge_shards(split: str, shards: list[torch.Tensor], arch: ModelArchitecture
         ]
     if split == FC1:
         halves = [shard.chunk(2, dim=0) for shard in shards]
-        return [torch.cat([gate for gate, _ in halves], dim=0), torch.cat([up for _, up in halves], dim=0)]
+        return [_joined([gate for gate, _ in halves], 0), _joined([up for _, up in halves], 0)]
     raise ValueError(split)
 
 
