@@ -12,6 +12,9 @@ after the other (so that other processes' load falls on all alike), the best tim
 * copy: `clone()` of every parameter — one plain memory copy of the same bytes, the yardstick;
 * stream: iterating `convert.iter_hf_buckets` alone (the HF-named bucket stream every path starts from);
 * disk: `DiskWeightSync.write` into /dev/shm, then the engine's `update_weights_from_disk` (k1.5's path);
+* fetch: what a node without trainer ranks adds on the disk path (`weight_delivery.fetch_weight_files`): the
+  version's files fetched from a sidecar's file server (`/v1/weight-files`, in another process) over
+  loopback HTTP into another directory of /dev/shm; on a cluster the network sets this figure instead;
 * tensor: `TensorWeightSync.push` (`hybrid.weight_sync=cuda_ipc`; on CPU the buckets go by shared memory);
 * broadcast: `DistributedWeightSync.push` (`hybrid.weight_sync=nccl`; gloo over loopback on CPU), after
   a first push that joins the process group (printed separately).
@@ -34,7 +37,9 @@ the host's). Prints tables and writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -42,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -49,6 +55,10 @@ from pathlib import Path
 import torch
 
 from megatron_rl.hf_checkpoint import read_hf_config
+from megatron_rl.hybrid.sidecar import Sidecar
+from megatron_rl.hybrid.sidecar_protocol import WeightSource
+from megatron_rl.hybrid.sidecar_server import serving_in_thread
+from megatron_rl.hybrid.weight_delivery import fetch_weight_files
 from megatron_rl.hybrid.weight_push import DistributedWeightSync, TensorWeightSync
 from megatron_rl.hybrid.weight_sync import DiskWeightSync
 from megatron_rl.rollout.engine_process import EmbeddedEngineProcess
@@ -129,23 +139,58 @@ def measure_size(size: int, repeats: int, bucket_bytes: int, work: Path) -> dict
                 assert pushed.bytes == nbytes, (pushed.bytes, nbytes)
                 return pushed.seconds
 
+            def fetch(sidecar_url: str) -> float:
+                with DiskWeightSync(SHM, work / f"run-{size}m", bucket_bytes) as weight_sync:
+                    written = weight_sync.push(trainer, f"fetch-{next(counter)}")
+                    (copy_written,) = written.directories
+                    source = WeightSource(sidecar_url=sidecar_url, directory=written.shm_name, files=copy_written.files)
+                    other_node = Path(tempfile.mkdtemp(prefix="bench-other-node-", dir=SHM))
+                    try:
+                        seconds = timed(lambda: fetch_weight_files(other_node, [source], None, timeout=600))
+                    finally:
+                        shutil.rmtree(other_node)
+                return seconds
+
             row = {"size_m": size, "parameters": parameters, "bytes": nbytes, "bucket_bytes": bucket_bytes}
             with TensorWeightSync(client.base_url, bucket_bytes) as tensor_sync, \
-                    DistributedWeightSync(client.base_url, bucket_bytes) as broadcast_sync:
+                    DistributedWeightSync(client.base_url, bucket_bytes) as broadcast_sync, \
+                    weight_file_server(SHM) as sidecar_url:
                 row["broadcast_first_s"] = push_with(broadcast_sync)  # joins the process group first (once per run)
-                measures = {"copy": copy, "stream": stream, "disk": disk, "tensor": lambda: push_with(tensor_sync),
-                            "broadcast": lambda: push_with(broadcast_sync)}
+                measures = {"copy": copy, "stream": stream, "disk": disk, "fetch": lambda: fetch(sidecar_url),
+                            "tensor": lambda: push_with(tensor_sync), "broadcast": lambda: push_with(broadcast_sync)}
                 # round-robin, so that other processes' load falls on every path alike; the best of each is kept
                 for _ in range(repeats):
                     for path, measure in measures.items():
                         row[f"{path}_s"] = min(row.get(f"{path}_s", float("inf")), measure())
             row["disk_write_s"] = disk.write_seconds
-    for path in ("stream", "disk", "tensor", "broadcast"):
+    for path in ("stream", "disk", "fetch", "tensor", "broadcast"):
         row[f"{path}_ratio"] = row[f"{path}_s"] / row["copy_s"]
     print(f"  copy {row['copy_s']:.3f} s, stream {row['stream_s']:.3f} s, disk {row['disk_s']:.3f} s, "
-          f"tensor {row['tensor_s']:.3f} s, broadcast {row['broadcast_s']:.3f} s "
+          f"fetch {row['fetch_s']:.3f} s, tensor {row['tensor_s']:.3f} s, broadcast {row['broadcast_s']:.3f} s "
           f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     return row
+
+
+@contextlib.contextmanager
+def weight_file_server(shm_dir: Path):
+    """Another process serving the weight files below `shm_dir` with a sidecar's control API (no engine, no
+    token), as another node's sidecar would; yields its URL."""
+    context = multiprocessing.get_context("spawn")
+    urls = context.Queue()
+    server = context.Process(target=_serve_weight_files, args=(str(shm_dir), urls), daemon=True)
+    server.start()
+    try:
+        yield urls.get(timeout=60)
+    finally:
+        server.terminate()
+        server.join(10)
+
+
+def _serve_weight_files(shm_dir: str, urls) -> None:
+    sidecar = Sidecar(lambda port: None, pod_name="bench-node-0", engine_kind="embedded", shm_dir=shm_dir)
+    with serving_in_thread(sidecar) as url:
+        urls.put(url)
+        threading.Event().wait()
 
 
 def write_trainable_model(directory: Path, size: int) -> Path:
@@ -229,15 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
 
     print()
-    print("| parameters | GB (fp32) | copy | stream | disk (write + load) | tensor | broadcast (gloo) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| parameters | GB (fp32) | copy | stream | disk (write + load) | fetch from another node (loopback) "
+          "| tensor | broadcast (gloo) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         def cell(path: str) -> str:
             seconds = row[f"{path}_s"]
             return f"{seconds:.3f} s, {row['bytes'] / seconds / 1e9:.2f} GB/s, {row[f'{path}_ratio']:.1f}×"
         print(f"| {row['parameters'] / 1e6:.0f}M | {row['bytes'] / 1e9:.2f} "
               f"| {row['copy_s']:.3f} s, {row['bytes'] / row['copy_s'] / 1e9:.2f} GB/s | {cell('stream')} "
-              f"| {cell('disk')} (write {row['disk_write_s']:.3f} s) | {cell('tensor')} | {cell('broadcast')} |")
+              f"| {cell('disk')} (write {row['disk_write_s']:.3f} s) | {cell('fetch')} | {cell('tensor')} "
+              f"| {cell('broadcast')} |")
     first = ", ".join(f"{row['broadcast_first_s']:.2f} s" for row in rows)
     print(f"\nfirst broadcast push (group join included): {first}; total run {total:.0f} s")
     if phase_rows:

@@ -189,7 +189,7 @@ class HybridConfig(Section):
         None, description="the name other pods reach this pod's engine at (its DNS name); unset: rollout.engine_host")
     peer_sidecar_urls: list[str] = Field(
         default_factory=list, description="the sidecars of other pods whose engines serve this run's rollouts too "
-                                          "(data-parallel rollout over pods; needs weight_sync=nccl)")
+                                          "(data-parallel rollout over pods; weight_sync disk or nccl)")
     engine_lifecycle: Literal["release", "restart"] = Field(
         "release", description="between rollouts: release the engine's memory, or stop it and start it again (k1.5)")
     max_engine_restarts: int = Field(5, ge=0, description="crash restarts before the sidecar gives up")
@@ -201,10 +201,10 @@ class HybridConfig(Section):
             raise ValueError(f"weight_sync={self.weight_sync} pushes into a running engine, but engine_lifecycle="
                              "restart stops it between rollouts; use hybrid.engine_lifecycle=release or "
                              "hybrid.weight_sync=disk")
-        if self.peer_sidecar_urls and self.weight_sync != "nccl":
-            # disk and cuda_ipc hand the weights over on this host; another pod's engine must be sent them.
-            raise ValueError(f"peer_sidecar_urls name engines on other pods, which weight_sync={self.weight_sync} "
-                             "cannot reach (it hands weights over on this host); use hybrid.weight_sync=nccl")
+        if self.peer_sidecar_urls and self.weight_sync == "cuda_ipc":
+            # CUDA IPC handles are valid on this host only; disk copies travel between sidecars, nccl broadcasts.
+            raise ValueError("peer_sidecar_urls name engines on other pods, which weight_sync=cuda_ipc cannot reach "
+                             "(its handles are valid on this host only); use hybrid.weight_sync=disk or nccl")
         return self
 
 

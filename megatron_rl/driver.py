@@ -9,11 +9,9 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import multiprocessing
 import random
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +36,7 @@ from megatron_rl.hybrid.sidecar_protocol import load_sidecar_token
 from megatron_rl.hybrid.swap_guard import ProbeReference, SwapCheck, check_engine, probe_sequences
 from megatron_rl.hybrid.weight_sync import EnginesLostWeights, SyncedWeights, register_weights, weights_prefix
 from megatron_rl.metrics import ConsoleTable, MetricsLog, append_json_line, set_aside_after
-from megatron_rl.reward.batch import RewardBackends, RewardRequest, RewardResult, score_batch
+from megatron_rl.reward.batch import RewardBackends, RewardRequest, RewardResult, math_worker_pool, score_batch
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.generation import RolloutFailed, RolloutResult, Sample, StaleWeightsError, generate_samples
 from megatron_rl.rollout.master import RolloutMaster
@@ -108,8 +106,7 @@ class Driver:
         self.table = ConsoleTable(self.console)
         self.rollouts_dir = run_dir / "rollouts"
         self.rollouts_dir.mkdir(exist_ok=True)
-        self.reward_pool = (ProcessPoolExecutor(config.reward.workers, mp_context=multiprocessing.get_context("spawn"))
-                            if config.reward.workers > 0 else None)
+        self.reward_pool = math_worker_pool(config.reward.workers) if config.reward.workers > 0 else None
         self.reward_backends = RewardBackends.connect(sandbox_url=config.reward.sandbox_url, judge=config.reward.judge,
                                                       code_concurrency=config.reward.code_concurrency)
         self._last_rollout_stats: dict = {}

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,16 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "generation_config.json", "chat_template.jinja",
 )
+
+
+@dataclass
+class WrittenDirectory:
+    """One copy of a written HF model: on `host`, at `path`, holding `files` (name → bytes). A host's copy is
+    whole when some rank of every pipeline stage runs there; otherwise it holds only its stages' shards."""
+
+    host: str
+    path: str
+    files: dict[str, int]
 
 
 def cache_root() -> Path:

@@ -24,6 +24,7 @@ from megatron_rl.control.kubernetes import JobControl
 from megatron_rl.hybrid.commands import run_sidecar
 from megatron_rl.hybrid.sidecar_protocol import SIDECAR_TOKEN_ENV
 from megatron_rl.net import is_loopback
+from megatron_rl.rollout.engine_process import engine_url
 
 # resource.k8s.io/v1 (DRA, the chart's default GPU mode) is served from 1.34 on; 1.37 is the newest schema set.
 KUBE_VERSIONS = ("1.34.0", "1.37.0")
@@ -286,7 +287,8 @@ def check_rendezvous(manifests: Manifests, tmp_path: Path) -> None:
 def check_reach(manifests: Manifests, tmp_path: Path) -> None:
     """One pod: its sidecar and engine listen on the pod's loopback, with no token. More: every pod's listen
     on the pod network with the run's token, pod 0's driver reaches the others at their DNS names in the
-    rendezvous Service, and their engines get the weights by broadcast."""
+    rendezvous Service, and their engines get the weights by broadcast, or by their sidecars fetching files
+    from each other at the URLs they advertise."""
     nodes = manifests.job["spec"]["completions"]
     config = run_config(manifests, PodView(manifests, 0), tmp_path)
     tokens = [PodView(manifests, 0).env(container).get(SIDECAR_TOKEN_ENV)
@@ -299,13 +301,18 @@ def check_reach(manifests: Manifests, tmp_path: Path) -> None:
     assert (config.hybrid.sidecar_host, config.rollout.engine_host) == ("0.0.0.0", "0.0.0.0")
     assert config.hybrid.peer_sidecar_urls == [f"http://{job_name}-{index}.{service}:{config.hybrid.sidecar_port}"
                                                for index in range(1, nodes)]
-    assert config.hybrid.weight_sync == "nccl", "the other pods' engines are sent the weights"
+    assert config.hybrid.weight_sync in ("disk", "nccl"), "cuda_ipc does not reach the other pods' engines"
     secret = manifests.one("Secret", tokens[0].removeprefix("<secret ").split("/")[0])
     assert tokens[0] == tokens[1] == f"<secret {secret['metadata']['name']}/token>" and secret["data"]["token"]
     for index in range(nodes):
         pod = PodView(manifests, index)
-        assert run_config(manifests, pod, tmp_path).hybrid.advertise_host == f"{job_name}-{index}.{service}", \
+        pod_config = run_config(manifests, pod, tmp_path)
+        assert pod_config.hybrid.advertise_host == f"{job_name}-{index}.{service}", \
             "each pod's engine is advertised at its own DNS name"
+        # What a sidecar tells other pods to fetch weight files from (sidecar_server.serve) is where pod 0 reaches it.
+        advertised = engine_url(pod_config.hybrid.sidecar_host, pod_config.hybrid.sidecar_port,
+                                pod_config.hybrid.advertise_host)
+        assert index == 0 or advertised == config.hybrid.peer_sidecar_urls[index - 1]
 
 
 def check_ports(manifests: Manifests, tmp_path: Path) -> None:

@@ -48,9 +48,10 @@ def test_ill_typed_values_name_key_and_allowed_values():
     with pytest.raises(UserError, match=r"'parallel.cp'.*context parallelism is not wired into the trainer yet.*"
                                         r"use parallel.cp=1"):
         load_config(None, ["parallel.cp=2"])
-    with pytest.raises(UserError, match=r"'hybrid'.*peer_sidecar_urls name engines on other pods.*use "
-                                        r"hybrid.weight_sync=nccl"):
-        load_config(None, ["hybrid.peer_sidecar_urls=[http://pod-1:31000]"])
+    with pytest.raises(UserError, match=r"'hybrid'.*peer_sidecar_urls name engines on other pods.*cuda_ipc.*use "
+                                        r"hybrid.weight_sync=disk or nccl"):
+        load_config(None, ["hybrid.peer_sidecar_urls=[http://pod-1:31000]", "hybrid.weight_sync=cuda_ipc"])
+    assert load_config(None, ["hybrid.peer_sidecar_urls=[http://pod-1:31000]"]).hybrid.weight_sync == "disk"
 
 
 def test_malformed_override_and_yaml(tmp_path):

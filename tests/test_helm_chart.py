@@ -34,6 +34,8 @@ _spec.loader.exec_module(render_chart)
 SCENARIOS = {
     "default": [],
     "multinode-128k": [EXAMPLE],
+    # two nodes on k1.5's weight path: each pod's sidecar fetches what its node's copy lacks from the others'
+    "multinode-disk": {"nodes": 2, "checkpoints": {"accessModes": ["ReadWriteMany"]}},
     "device-plugin": {"gpu": {"mode": "devicePlugin"}},
     "sandbox-privileged": {"sandbox": {"enabled": True}},
     "sandbox-userns-external-etcd": {"sandbox": {"enabled": True, "isolation": "userns"},
@@ -104,7 +106,7 @@ def test_dev_shm_is_memory_backed_and_shared_by_both_containers(scenario, tmp_pa
 def test_rendezvous_matches_the_jobs_pods(scenario, tmp_path):
     name, manifests = scenario
     k8s.check_rendezvous(manifests, tmp_path)
-    assert manifests.job["spec"]["completions"] == (4 if name == "multinode-128k" else 1)
+    assert manifests.job["spec"]["completions"] == {"multinode-128k": 4, "multinode-disk": 2}.get(name, 1)
 
 
 def test_ports_and_endpoints_match_the_config(scenario, tmp_path):
@@ -164,8 +166,9 @@ def test_the_schema_lists_every_config_section_the_chart_does_not_own():
     ("parallel:\n  tp: 3\n", "parallel.tp × pp × cp = 3 does not divide the trainer's world size nodes × gpusPerPod = 8"),
     ("nodes: 2\ncheckpoints:\n  accessModes: [ReadWriteOnce]\nconfig:\n  hybrid:\n    weight_sync: nccl\n",
      "checkpoints.accessModes: with nodes > 1"),
-    ("nodes: 2\ncheckpoints:\n  accessModes: [ReadWriteMany]\n",
-     "config.hybrid.weight_sync: with nodes > 1 every pod's engine rolls out and gets the weights by broadcast"),
+    ("nodes: 2\ncheckpoints:\n  accessModes: [ReadWriteMany]\nconfig:\n  hybrid:\n    weight_sync: cuda_ipc\n",
+     "config.hybrid.weight_sync: with nodes > 1 every pod's engine rolls out, and cuda_ipc hands weights over "
+     "within one node only"),
     ("config:\n  hybrid:\n    peer_sidecar_urls: [http://x:1]\n", "config.hybrid.peer_sidecar_urls is set by the chart"),
 ])
 def test_a_bad_values_file_fails_with_a_message_naming_the_field(tmp_path, capsys, values_text, message):

@@ -127,11 +127,13 @@ def test_an_engine_killed_mid_rollout_is_restarted_and_no_sample_is_lost_or_doub
     # Every sample came from the trainer's weights (version 1): their log-probs agree.
     assert {version for r in rollout for version in r["weight_versions"]} == {"1"}
     assert all(m["rollout_logprob_gap"] < 1e-3 for m in metrics)
-    if weight_sync == "disk":  # version 1's shards were on record, as written into shared memory
+    if weight_sync == "disk":  # version 1's files were on record, as written into this node's shared memory
         (record,) = [RegisteredWeights.model_validate_json(value) for value in registered.values()]
-        assert record.weight_version == "1" and record.host == socket.gethostname() and record.shards
-        # (the files hold the tensors plus their safetensors headers)
-        assert record.total_bytes == sum(record.shards.values()) >= metrics[0]["weight_sync_bytes"] > 0
+        (copy,) = record.directories
+        assert record.weight_version == "1" and copy.host == socket.gethostname() and copy.path.endswith("/v1")
+        # (the shards hold the tensors plus their safetensors headers)
+        shards = sum(size for name, size in copy.files.items() if name.endswith(".safetensors"))
+        assert shards >= record.total_bytes == metrics[0]["weight_sync_bytes"] > 0
     else:
         assert registered == {}
     phases = [key.rsplit("-", 1)[-1] for key in sorted(transitions)]

@@ -1,8 +1,11 @@
 """One pod's layout as separate processes on this machine: etcd, the sidecar with its engine, the trainer."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,15 +27,18 @@ def test_a_local_pod_trains_with_advancing_weight_versions_and_leaves_no_process
     assert leftovers == []  # etcd, the sidecar and its engine were all stopped
 
 
-def test_two_pods_roll_out_over_both_engines_which_listen_beyond_loopback_only_with_a_key(tmp_path):
-    """The multi-node layout: pod-0's trainer drives its own sidecar and pod-1's (hybrid.peer_sidecar_urls),
-    pushes every version into both engines by broadcast, and spreads each rollout over them. The engines
-    listen on every interface, so they ask for the pods' token as their API key."""
+@pytest.mark.parametrize("weight_sync", ["disk", "nccl"])
+def test_two_pods_roll_out_over_both_engines_which_listen_beyond_loopback_only_with_a_key(tmp_path, weight_sync):
+    """The multi-node layout: pod-0's trainer drives its own sidecar and pod-1's (hybrid.peer_sidecar_urls)
+    and spreads each rollout over both engines. Every version reaches pod-1's engine by broadcast (nccl), or
+    (disk) its sidecar fetches the files from pod-0's: pod-1 has shared memory of its own, as another node.
+    The engines and sidecars listen on every interface, so they ask for the pods' token."""
     run_dir = tmp_path / "pods"
     finished = subprocess.run(
         [sys.executable, "-m", "megatron_rl.cli", "local-pod", "--config", "megatron_rl/examples/local-pod.yaml",
-         "--run-dir", str(run_dir), "--iterations", "2", "--pods", "2", "eval.interval=0", "hybrid.weight_sync=nccl",
-         "rollout.engine_host=0.0.0.0", "hybrid.advertise_host=127.0.0.1", "data.prompts_per_iteration=16"],
+         "--run-dir", str(run_dir), "--iterations", "2", "--pods", "2", "eval.interval=0",
+         f"hybrid.weight_sync={weight_sync}", "rollout.engine_host=0.0.0.0", "hybrid.sidecar_host=0.0.0.0",
+         "hybrid.advertise_host=127.0.0.1", "data.prompts_per_iteration=16"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -44,7 +50,11 @@ def test_two_pods_roll_out_over_both_engines_which_listen_beyond_loopback_only_w
         samples = [json.loads(line) for line in
                    (run_dir / "rollouts" / f"iteration-{iteration:06d}.jsonl").read_text().splitlines()]
         assert {version for sample in samples for version in sample["weight_versions"]} == {str(iteration - 1)}
-    assert (run_dir / "sidecar-1" / "engine.log").exists() and "pod-1" in (run_dir / "sidecar-1.log").read_text()
+    pod_1_log = (run_dir / "sidecar-1.log").read_text()
+    assert (run_dir / "sidecar-1" / "engine.log").exists() and "pod-1" in pod_1_log
+    # Disk: every version's files (the first's and the two trained) came to pod-1 from pod-0's sidecar.
+    fetched = re.findall(r"fetched \d+ weight files .* into \S+/v(\d+) from 1 sidecar", pod_1_log)
+    assert fetched == (["0", "1", "2"] if weight_sync == "disk" else []), pod_1_log[-3000:]
     leftovers = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
     assert leftovers == []
 
@@ -72,10 +82,12 @@ def test_an_engine_beyond_loopback_refuses_requests_without_its_key(tmp_path):
     assert refused.returncode == 2 and "pass --api-key KEY too" in refused.stderr
 
 
-def test_more_pods_than_one_without_the_broadcast_weight_path_is_refused_before_anything_starts(tmp_path):
+def test_more_pods_than_one_with_the_one_node_weight_path_is_refused_before_anything_starts(tmp_path):
     finished = subprocess.run(
         [sys.executable, "-m", "megatron_rl.cli", "local-pod", "--config", "megatron_rl/examples/local-pod.yaml",
-         "--run-dir", str(tmp_path / "pods"), "--pods", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+         "--run-dir", str(tmp_path / "pods"), "--pods", "2", "hybrid.weight_sync=cuda_ipc"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2
-    assert "--pods 2: the other pods' engines get the weights by broadcast; add hybrid.weight_sync=nccl" in finished.stderr
+    assert ("--pods 2: the other pods' engines stand for other nodes, which CUDA IPC handles do not reach; use "
+            "hybrid.weight_sync=disk or nccl") in finished.stderr
     assert not (tmp_path / "pods").exists()  # no etcd, no sidecar, nothing written

@@ -100,3 +100,31 @@ def test_code_answer_format():
                             ("not json", "answer: Invalid JSON")]:
         with pytest.raises(ValueError, match=message):
             parse_code_answer(answer)
+
+
+def test_math_workers_end_when_the_process_that_made_them_is_killed():
+    """A trainer killed with SIGKILL (an operator, a node drain, the fault tests) leaves no reward workers."""
+    program = ("import os, time\n"
+               "from megatron_rl.reward.batch import math_worker_pool\n"
+               "pool = math_worker_pool(2)\n"
+               "print(*sorted({pool.submit(os.getpid).result() for _ in range(8)}), flush=True)\n"
+               "time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in owner.stdout.readline().split()]
+        assert workers and all(_alive(pid) for pid in workers)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "reward workers outlived the killed process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended (its reaper is init)
+    except FileNotFoundError:
+        return False

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     pod.add_argument("--iterations", type=int, help="RL iterations (overrides train.iterations)")
     pod.add_argument("--pods", type=int, default=1,
                      help="pods whose engines roll out (default 1): a sidecar each, the others the trainer's "
-                          "hybrid.peer_sidecar_urls, as on a multi-node cluster (needs hybrid.weight_sync=nccl)")
+                          "hybrid.peer_sidecar_urls, as on a multi-node cluster, each pod with its own shared memory "
+                          "(hybrid.weight_sync disk or nccl)")
     pod.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides for every process")
     pod.set_defaults(handler=run_local_pod)
 

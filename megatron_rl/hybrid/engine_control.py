@@ -21,13 +21,15 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 from megatron_rl.config import Config
 from megatron_rl.control.store import MetadataStore
 from megatron_rl.errors import RunError, UserError
 from megatron_rl.hybrid.sidecar_protocol import (
-    SidecarError, SidecarStatus, SidecarUnavailable, load_sidecar_token, sidecar_record_key, utc_now,
+    SidecarError, SidecarStatus, SidecarUnavailable, WeightSource, load_sidecar_token, sidecar_record_key, utc_now,
 )
+from megatron_rl.hybrid.weight_delivery import plan_delivery
 from megatron_rl.hybrid.weight_sync import SyncedWeights
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.protocol import EngineError, EngineLostWeights
@@ -57,7 +59,10 @@ class ExternalEngine:
                            f"{weight_version!r}, and nothing can reload it (rollout.engine_url has no sidecar)")
         return status
 
-    def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
+    def load_weights(self, path: str, weight_version: str, sources: Sequence[WeightSource] = ()) -> SidecarStatus:
+        if sources:
+            raise RunError(f"the engine at {self.engine_url} (rollout.engine_url) has no sidecar to fetch weight "
+                           "files from other nodes; give the run a sidecar (hybrid.sidecar_url)")
         self.client.update_weights_from_disk(path, weight_version=weight_version)
         return self._serving(weight_version, f"loading {weight_version!r}", Path(path))
 
@@ -158,17 +163,30 @@ class EngineControl:
         if self.lifecycle == "release" and "weights" in self.control.status().released_tags:
             self._do("resuming the engine's weights", lambda: self.control.resume_memory(["weights"]))
 
-    def load(self, weights: SyncedWeights) -> float:
-        """Load a written weight version (a stopped engine loads it at start), or record a pushed one, and
-        check the engine serves it; returns the seconds it took."""
+    def load(self, weights: SyncedWeights, servers: list[SidecarStatus]) -> float:
+        """Load a written weight version (a stopped engine loads it at start), fetching what this node's copy
+        lacks from `servers` (weight_delivery.py), or record a pushed one, and check the engine serves it;
+        returns the seconds it took."""
         started = time.monotonic()
         if weights.path is None:
             self._do(f"weight sync of version {weights.weight_version}",
                      lambda: self.control.weights_pushed(weights.weight_version))
         else:
-            self._do(f"weight sync of version {weights.weight_version}",
-                     lambda: self.control.load_weights(str(weights.path), weights.weight_version))
+            def load_from_disk() -> SidecarStatus:
+                path, sources = plan_delivery(weights, self.control.status(), servers)
+                return self.control.load_weights(path, weights.weight_version, sources)
+
+            self._do(f"weight sync of version {weights.weight_version}", load_from_disk)
         return time.monotonic() - started
+
+    def weight_server(self) -> SidecarStatus | None:
+        """The sidecar's status if other pods' sidecars can fetch weight files from it, else None (an
+        in-process sidecar or a bare engine serves none; one that does not answer serves none now)."""
+        try:
+            status = self.control.status()
+        except (SidecarError, EngineError):
+            return None
+        return status if status.control_url is not None else None
 
     def resume(self, weight_version: str) -> None:
         """After the weight push: the rest of the engine's memory back, or the engine started again."""
@@ -283,7 +301,10 @@ class EngineGroup:
 
     def load(self, weights: SyncedWeights) -> None:
         """Every engine loads (or records) the version; `weights.load_seconds` is their total."""
-        weights.load_seconds = sum(control.load(weights) for control in self.controls)
+        servers = []
+        if weights.path is not None:  # the sidecars other pods may fetch weight files from
+            servers = [status for status in map(EngineControl.weight_server, self.controls) if status is not None]
+        weights.load_seconds = sum(control.load(weights, servers) for control in self.controls)
 
     def resume(self, weight_version: str) -> None:
         for control in self.controls:

@@ -8,15 +8,20 @@ the others when the trainer ends. Logs: DIR/sidecar.log, DIR/etcd.log, the engin
 
 With `--pods P` > 1 it lays out P pods' rollout side as on a multi-node cluster: a sidecar (and engine) per
 pod, pod-1 … pod-P-1 logging to DIR/sidecar-K.log and DIR/sidecar-K/; the trainer drives pod-0's as its own
-and the others as `hybrid.peer_sidecar_urls`, spreading every rollout over all P engines.
+and the others as `hybrid.peer_sidecar_urls`, spreading every rollout over all P engines. As on separate
+nodes, pod-1 … pod-P-1 have shared memory of their own (a directory below hybrid.shm_dir, removed at the
+end), where no trainer rank writes: with hybrid.weight_sync=disk their sidecars fetch every version from
+pod-0's.
 """
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,9 +36,9 @@ from megatron_rl.net import free_port
 
 def run_local_pod(config_path: str | None, run_dir: Path, overrides: list[str], pods: int = 1) -> int:
     config = load_config(config_path, overrides)  # fail on a bad config before anything starts
-    if pods > 1 and config.hybrid.weight_sync != "nccl":
-        raise UserError(f"--pods {pods}: the other pods' engines get the weights by broadcast; add "
-                        f"hybrid.weight_sync=nccl (not {config.hybrid.weight_sync})")
+    if pods > 1 and config.hybrid.weight_sync == "cuda_ipc":
+        raise UserError(f"--pods {pods}: the other pods' engines stand for other nodes, which CUDA IPC handles do "
+                        "not reach; use hybrid.weight_sync=disk or nccl")
     if (run_dir / "metrics.jsonl").exists():
         raise UserError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --run-dir (nothing was overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +59,11 @@ def run_local_pod(config_path: str | None, run_dir: Path, overrides: list[str], 
         for index in range(pods):
             port = free_port()
             suffix = "" if index == 0 else f"-{index}"
-            pod = [f"hybrid.sidecar_port={port}", *([f"hybrid.pod_name=pod-{index}"] if index else [])]
+            pod = [f"hybrid.sidecar_port={port}"]
+            if index:
+                shm_dir = Path(tempfile.mkdtemp(prefix=f"megatron-rl-pod-{index}-", dir=config.hybrid.shm_dir))
+                stack.callback(shutil.rmtree, shm_dir, ignore_errors=True)
+                pod += [f"hybrid.pod_name=pod-{index}", f"hybrid.shm_dir={shm_dir}"]
             log_path = run_dir / f"sidecar{suffix}.log"
             sidecar = _start(["sidecar", *common, "--log-dir", str(run_dir / f"sidecar{suffix}"), *overrides, *wiring,
                               *pod], log_path)

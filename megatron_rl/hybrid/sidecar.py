@@ -14,6 +14,8 @@ Behaviour:
   handed to `load_weights`). A restart is ready only once the engine reports that version again.
   Weights the trainer pushed into the engine itself (`weights_pushed`: CUDA IPC or NCCL) cannot be
   re-loaded: an engine restarted after them serves no version until the trainer pushes again.
+- Other nodes' weight files: `load_weights` given `sources` first fetches what this node's copy lacks from
+  those pods' sidecars (weight_delivery.py); `megatron-rl sidecar` serves this node's copies to them.
 - Crashes: a monitor thread notices the engine exiting unexpectedly, restarts it on the same port (the
   URL stays valid), re-loads the kept version, re-releases the memory that was released, and reports
   ready with `restarts + 1`; past `max_engine_restarts` it reports failed with the engine's log tail.
@@ -23,18 +25,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 from megatron_rl.errors import UserError
 from megatron_rl.hybrid.sidecar_protocol import (
     SIDECAR_TOKEN_ENV, CommandResult, EngineKind, SidecarCommand, SidecarError, SidecarFailed, SidecarRequestError,
-    SidecarState, SidecarStateError, SidecarStatus, SidecarTimeout, SidecarUnavailable, check_pod_name,
+    SidecarState, SidecarStateError, SidecarStatus, SidecarTimeout, SidecarUnavailable, WeightSource, check_pod_name,
     load_sidecar_token, utc_now,
 )
+from megatron_rl.hybrid.weight_delivery import fetch_weight_files
 from megatron_rl.net import free_port, is_loopback
 from megatron_rl.rollout.client import EngineClient
 from megatron_rl.rollout.engine_process import (
@@ -70,9 +74,10 @@ class SidecarControl(Protocol):
     def weights_pushed(self, weight_version: str) -> SidecarStatus:
         """The trainer pushed `weight_version` into the engine itself: check the engine reports it, record it."""
 
-    def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
-        """Load the HF safetensors directory `path` as `weight_version` and check the engine reports it.
-        With the engine stopped, only keep it: `start_engine` loads it."""
+    def load_weights(self, path: str, weight_version: str, sources: Sequence[WeightSource] = ()) -> SidecarStatus:
+        """Fetch into the HF safetensors directory `path` the files `sources` name (other pods' copies), load
+        it as `weight_version` and check the engine reports it. With the engine stopped, only keep it:
+        `start_engine` loads it."""
 
     def release_memory(self, tags: list[str] | None = None) -> SidecarStatus:
         """Release `tags` (None: all); each must not be released already. The engine must be idle."""
@@ -108,13 +113,20 @@ class Sidecar:
     def __init__(self, make_engine: EngineFactory, *, pod_name: str, engine_kind: EngineKind,
                  engine_port: int | None = None, max_engine_restarts: int = 5, start_timeout_s: float = 300.0,
                  control_timeout_s: float = 600.0, monitor_interval_s: float = 0.2, engine_host: str = ENGINE_HOST,
-                 advertise_host: str | None = None, api_key: str | None = None):
+                 advertise_host: str | None = None, api_key: str | None = None, shm_dir: str | None = None,
+                 token: str | None = None):
         self.pod_name = check_pod_name(pod_name)
         self.engine_kind = engine_kind
         self.engine_port = engine_port or free_port()
         # `make_engine` starts the engine listening on engine_host (with api_key), reached at this URL.
         self.engine_url = engine_url(engine_host, self.engine_port, advertise_host)
         self.api_key = api_key
+        # Weight files: where this node's copies are (hybrid.shm_dir), the token other pods' sidecars ask
+        # for when this one fetches from them, and the URL they fetch from this one at (set by serve()).
+        self.host = socket.gethostname()
+        self.shm_dir = str(Path(shm_dir).resolve()) if shm_dir is not None else None
+        self.token = token
+        self.control_url: str | None = None
         self.max_engine_restarts = max_engine_restarts
         self.start_timeout_s = start_timeout_s
         self.control_timeout_s = control_timeout_s
@@ -151,7 +163,7 @@ class Sidecar:
             engine_pid=engine.pid if engine is not None and engine.alive() else None,
             weight_version=self._kept.weight_version if self._kept else None, restarts=self._restarts,
             released_tags=list(self._released), last_error=self._last_error, last_command=self._last_command,
-            updated_at=self._updated_at)
+            updated_at=self._updated_at, host=self.host, shm_dir=self.shm_dir, control_url=self.control_url)
 
     def _update(self, **fields) -> None:
         """Set fields (`state`, `restarts`, `released`, `kept`, `last_error`, `last_command`), wake waiters
@@ -350,10 +362,12 @@ class Sidecar:
             return refused(f"{operation}: the engine refused: {error.server_message or error}")
         return SidecarUnavailable(f"{operation}: {error}")
 
-    def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
+    def load_weights(self, path: str, weight_version: str, sources: Sequence[WeightSource] = ()) -> SidecarStatus:
         if not weight_version:
             raise SidecarRequestError("weight_version: must be a non-empty string")
         directory = Path(path)
+        if sources:  # no engine operation: status stays answerable while GBs arrive
+            fetch_weight_files(directory, list(sources), self.token, self.control_timeout_s)
         if not directory.is_dir():
             raise SidecarRequestError(f"path: {path} is not a directory; pass the HF safetensors directory of "
                                       f"weight version {weight_version!r}, readable by the sidecar")
@@ -563,10 +577,11 @@ def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | Non
     # SGLang's flag for batch-invariant kernels; the embedded engine takes the same one.
     deterministic = ("--enable-deterministic-inference",) if rollout.deterministic_inference else ()
     hybrid = config.hybrid
+    token = load_sidecar_token(hybrid)
     # Beyond loopback (a driver on another pod) the engine asks for the sidecar's token as its API key.
     api_key = None
     if not is_loopback(rollout.engine_host):
-        api_key = load_sidecar_token(hybrid)
+        api_key = token
         if api_key is None:
             raise UserError(f"rollout.engine_host={rollout.engine_host} is not a loopback address, and there is no "
                             f"token for the engine's API key: set hybrid.sidecar_token_file (or env {SIDECAR_TOKEN_ENV}), "
@@ -587,4 +602,4 @@ def sidecar_from_config(config: Config, log_dir: Path, *, engine_port: int | Non
     return Sidecar(make_engine, pod_name=pod_name, engine_kind=rollout.engine, engine_port=engine_port,
                    max_engine_restarts=hybrid.max_engine_restarts, start_timeout_s=rollout.engine_start_timeout_s,
                    control_timeout_s=rollout.request_timeout_s, engine_host=rollout.engine_host,
-                   advertise_host=hybrid.advertise_host, api_key=api_key)
+                   advertise_host=hybrid.advertise_host, api_key=api_key, shm_dir=hybrid.shm_dir, token=token)

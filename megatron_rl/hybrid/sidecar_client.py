@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pydantic import BaseModel, ValidationError
 
 from megatron_rl.errors import UserError
 from megatron_rl.hybrid.sidecar_protocol import (
     ERROR_TYPES, LoadWeightsBody, MemoryTagsBody, SidecarError, SidecarFailed, SidecarRequestError, SidecarStatus,
-    SidecarTimeout, SidecarUnavailable, SidecarUnreachable, WeightsPushedBody, load_sidecar_token,
+    SidecarTimeout, SidecarUnavailable, SidecarUnreachable, WeightSource, WeightsPushedBody, load_sidecar_token,
 )
 from megatron_rl.rollout.protocol import describe_validation_error
 
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["SidecarClient"]
 
 READY_ROUND_S = 10.0  # one GET /v1/ready waits at most this long on the sidecar
-_TYPE_BY_STATUS = {400: "SidecarRequestError", 401: "SidecarAuthError", 409: "SidecarStateError",
-                   503: "SidecarUnavailable"}
+_TYPE_BY_STATUS = {400: "SidecarRequestError", 401: "SidecarAuthError", 404: "SidecarNotFound",
+                   409: "SidecarStateError", 503: "SidecarUnavailable"}
 
 
 class SidecarClient:
@@ -55,7 +57,9 @@ class SidecarClient:
     def __repr__(self) -> str:
         return f"SidecarClient({self.base_url!r})"
 
-    def _call(self, method: str, path: str, body: BaseModel | None = None, timeout: float | None = None) -> Any:
+    def _exchange(self, method: str, path: str, body: BaseModel | None, timeout: float | None,
+                  consume: Callable[[http.client.HTTPResponse], Any]) -> Any:
+        """Send the request and hand the response to `consume`; every failure as a SidecarError."""
         url = self.base_url + path
         headers = {"Accept": "application/json"}
         data = None
@@ -68,7 +72,7 @@ class SidecarClient:
         limit = self.timeout if timeout is None else timeout
         try:
             with self._opener.open(request, timeout=limit) as response:
-                return json.loads(response.read())
+                return consume(response)
         except urllib.error.HTTPError as error:
             raise _error_from_response(method, url, error.code, error.read()) from None
         except urllib.error.URLError as error:
@@ -78,8 +82,17 @@ class SidecarClient:
             raise SidecarUnavailable(f"{method} {url} timed out after {limit:g} s") from None
         except (ConnectionError, http.client.HTTPException) as error:
             raise SidecarUnreachable(f"{method} {url}: connection lost ({type(error).__name__}: {error})") from None
+
+    def _call(self, method: str, path: str, body: BaseModel | None = None, timeout: float | None = None) -> Any:
+        try:
+            return self._exchange(method, path, body, timeout, lambda response: json.loads(response.read()))
         except ValueError:
-            raise SidecarError(f"{method} {url}: the response is not JSON") from None
+            raise SidecarError(f"{method} {self.base_url + path}: the response is not JSON") from None
+
+    def download(self, path: str, destination: Path) -> None:
+        """GET `path` into the file `destination`, streamed (a weight shard may be GBs)."""
+        with open(destination, "wb") as file:
+            self._exchange("GET", path, None, None, lambda response: shutil.copyfileobj(response, file, 2**22))
 
     def _status(self, method: str, path: str, body: BaseModel | None = None,
                 timeout: float | None = None) -> SidecarStatus:
@@ -114,8 +127,8 @@ class SidecarClient:
             if isinstance(last, SidecarUnreachable):
                 time.sleep(self.poll_interval)
 
-    def load_weights(self, path: str, weight_version: str) -> SidecarStatus:
-        body = _body(LoadWeightsBody, path=str(path), weight_version=weight_version)
+    def load_weights(self, path: str, weight_version: str, sources: Sequence[WeightSource] = ()) -> SidecarStatus:
+        body = _body(LoadWeightsBody, path=str(path), weight_version=weight_version, sources=list(sources))
         return self._status("POST", "/v1/weights", body)
 
     def weights_pushed(self, weight_version: str) -> SidecarStatus:

@@ -13,10 +13,13 @@ HTTP (`megatron-rl sidecar`, all under /v1/, JSON; `Authorization: Bearer <token
     POST /v1/engine/restart   (no body)        → SidecarStatus
     POST /v1/engine/stop      (no body)        → SidecarStatus
     POST /v1/engine/start     (no body)        → SidecarStatus
+    GET  /v1/weight-files/<directory>/<file>   the bytes of one file of a weight version in the sidecar's
+                              shared memory (<directory> below its hybrid.shm_dir, as in WeightSource), for
+                              other pods' sidecars to fetch (hybrid/weight_delivery.py)
 
 Errors are `{"error": {"message", "type"}}`, `type` naming the `SidecarError` class below, with its
-HTTP status (400 bad request, 401 no or wrong token, 409 not allowed in the current state, 503 the
-engine cannot serve it). The client raises the same classes, so in-process and HTTP callers handle
+HTTP status (400 bad request, 401 no or wrong token, 404 no such weight file, 409 not allowed in the
+current state, 503 the engine cannot serve it). The client raises the same classes, so in-process and HTTP callers handle
 errors alike.
 
 Metadata store (when the sidecar has one), under `run_prefix(run_name)`:
@@ -62,13 +65,23 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class WeightSource(_Body):
+    """Files of a weight version that another pod's sidecar serves (GET /v1/weight-files/...)."""
+
+    sidecar_url: str = Field(min_length=1, description="the serving sidecar's control API, as this pod reaches it")
+    directory: str = Field(min_length=1, description="the version's directory below the serving sidecar's shm_dir")
+    files: dict[str, int] = Field(min_length=1, description="file name → bytes")
+
+
 class LoadWeightsBody(_Body):
-    """Load the HF safetensors directory `path` (readable by the engine) and serve it as `weight_version`.
-    On success the sidecar owns the directory: it keeps it to re-load after an engine restart, and deletes
-    it once a newer version has loaded."""
+    """Load the HF safetensors directory `path` (readable by the engine) and serve it as `weight_version`,
+    first fetching into it the files `sources` name (what this node's copy lacks). On success the sidecar
+    owns the directory: it keeps it to re-load after an engine restart, and deletes it once a newer
+    version has loaded."""
 
     path: str = Field(min_length=1)
     weight_version: str = Field(min_length=1)
+    sources: list[WeightSource] = []
 
 
 class WeightsPushedBody(_Body):
@@ -121,6 +134,11 @@ class SidecarStatus(BaseModel):
     last_error: str | None = None
     last_command: CommandResult | None = None
     updated_at: datetime.datetime
+    # Where weight files reach this sidecar's engine (disk path): its host and hybrid.shm_dir, and the URL
+    # other pods fetch its copies at (None: it serves none, an in-process sidecar).
+    host: str | None = None
+    shm_dir: str | None = None
+    control_url: str | None = None
 
 
 class HealthBody(BaseModel):
@@ -144,6 +162,12 @@ class SidecarRequestError(SidecarError):
 
 class SidecarAuthError(SidecarError):
     http_status = 401
+
+
+class SidecarNotFound(SidecarError):
+    """No such weight file in the sidecar's shared memory."""
+
+    http_status = 404
 
 
 class SidecarStateError(SidecarError):
@@ -171,8 +195,8 @@ class SidecarTimeout(SidecarUnavailable, TimeoutError):
 
 
 ERROR_TYPES: dict[str, type[SidecarError]] = {cls.__name__: cls for cls in (
-    SidecarError, SidecarRequestError, SidecarAuthError, SidecarStateError, SidecarUnavailable, SidecarFailed,
-    SidecarUnreachable, SidecarTimeout)}
+    SidecarError, SidecarRequestError, SidecarAuthError, SidecarNotFound, SidecarStateError, SidecarUnavailable,
+    SidecarFailed, SidecarUnreachable, SidecarTimeout)}
 
 
 # --------------------------------------------------------------------------------------------- keys and token

@@ -10,16 +10,19 @@ reach the engine's own unauthenticated API anyway. On any other address it refus
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import signal
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -29,7 +32,9 @@ from megatron_rl.hybrid.sidecar_protocol import (
     SIDECAR_TOKEN_ENV, HealthBody, LoadWeightsBody, MemoryTagsBody, SidecarAuthError, SidecarError, SidecarStatus,
     WeightsPushedBody, load_sidecar_token,
 )
-from megatron_rl.net import check_port, is_loopback
+from megatron_rl.hybrid.weight_delivery import served_weight_file
+from megatron_rl.net import check_port, free_port, is_loopback
+from megatron_rl.rollout.engine_process import engine_url
 from megatron_rl.rollout.protocol import describe_validation_error
 
 if TYPE_CHECKING:
@@ -43,6 +48,10 @@ MAX_READY_WAIT_S = 60.0  # bound on one GET /v1/ready, which holds a worker thre
 
 class _BadRequest(Exception):
     pass
+
+
+class _WeightFileResponse(FileResponse):
+    chunk_size = 2**22  # not starlette's 64 KiB: a shard of GBs in fewer trips through the event loop
 
 
 def create_app(sidecar: Sidecar, token: str | None) -> FastAPI:
@@ -108,7 +117,7 @@ def create_app(sidecar: Sidecar, token: str | None) -> FastAPI:
     @app.post("/v1/weights")
     async def load_weights(request: Request):
         body = await parse(request, LoadWeightsBody)
-        return await respond(lambda: sidecar.load_weights(body.path, body.weight_version))
+        return await respond(lambda: sidecar.load_weights(body.path, body.weight_version, body.sources))
 
     @app.post("/v1/weights/pushed")
     async def weights_pushed(request: Request):
@@ -137,7 +146,32 @@ def create_app(sidecar: Sidecar, token: str | None) -> FastAPI:
     async def start_engine():
         return await respond(sidecar.start_engine)
 
+    @app.get("/v1/weight-files/{run_directory}/{version_directory}/{name}")
+    async def weight_file(run_directory: str, version_directory: str, name: str):
+        return _WeightFileResponse(served_weight_file(sidecar.shm_dir, run_directory, version_directory, name),
+                                   media_type="application/octet-stream")
+
     return app
+
+
+@contextlib.contextmanager
+def serving_in_thread(sidecar: Sidecar, token: str | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """`sidecar`'s control API on a free port of `host`, served by a thread of this process (benchmarks and
+    tests; `megatron-rl sidecar` serves in the foreground); yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(sidecar, token), host=host, port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="sidecar-api", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the sidecar's control API did not start on {host} (see the log above)")
+        time.sleep(0.02)
+    try:
+        yield engine_url(host, server.config.port)
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def _exit_cleanly(signum, frame) -> None:
@@ -160,6 +194,7 @@ def serve(config: Config, *, log_dir: Path | None = None, engine_port: int | Non
     log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / f"megatron-rl-sidecar-{hybrid.pod_name}"
     log_dir.mkdir(parents=True, exist_ok=True)
     sidecar = sidecar_from_config(config, log_dir, engine_port=engine_port)
+    sidecar.control_url = engine_url(hybrid.sidecar_host, hybrid.sidecar_port, hybrid.advertise_host)
 
     registration = None
     if config.control.store == "etcd":

@@ -4,12 +4,15 @@ Every path is a collective over the trainer ranks, `push(trainer, weight_version
 returning `SyncedWeights`; the driver then has the engine's controller load or record that version
 (EngineControl.load) and checks the engine serves it before any rollout uses it.
 
-- `disk` (k1.5's, `DiskWeightSync` here): every pipeline stage writes its weights, gathered over TP and
-  named as in HF, as safetensors into shared memory (`hybrid.shm_dir`, /dev/shm by default), in buckets
-  of at most `hybrid.bucket_size_mb`, so a rank never holds more than one bucket beyond its shard. The
-  shards are registered in the run's metadata (`RegisteredWeights` at `<run prefix>weights/<version>`,
-  the newest version only), the sidecar loads the directory with `update_weights_from_disk` and keeps it
-  until a newer one loaded, to re-load it after an engine crash.
+- `disk` (k1.5's, `DiskWeightSync` here): the weights, gathered over TP and named as in HF, are written as
+  safetensors into shared memory (`hybrid.shm_dir`, /dev/shm by default) in buckets of at most
+  `hybrid.bucket_size_mb`, so a rank never holds more than one bucket beyond its shard. Each node gets its
+  own copy of every pipeline stage a rank of it holds (write_hf_model). The copies are registered in the
+  run's metadata (`RegisteredWeights` at `<run prefix>weights/<version>`, the newest version only). Each
+  engine's sidecar loads the copy on its node with `update_weights_from_disk`, first fetching what that copy
+  lacks (stages trained on other nodes, or all of it on a node without trainer ranks) from the sidecars of
+  the nodes that have it (hybrid/weight_delivery.py: k1.5's Mooncake step, over HTTP here). It keeps the
+  directory until a newer one loaded, to re-load it after an engine crash.
 - `cuda_ipc` and `nccl` (hybrid/weight_push.py): buckets handed to the engine by handle
   (`update_weights_from_tensor`) or broadcast to it (`update_weights_from_distributed`). Nothing is on
   disk: an engine that crashes loses the version. Its rollout is then interrupted (its trajectories are
@@ -20,17 +23,16 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import shutil
-import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from megatron_rl.control.store import MetadataStore, run_prefix
 from megatron_rl.errors import UserError
+from megatron_rl.hf_checkpoint import WrittenDirectory
 
 
 @dataclass
@@ -44,6 +46,9 @@ class SyncedWeights:
     write_seconds: float  # writing the directory, or the whole push
     load_seconds: float = 0.0  # the engine loading the directory (disk), or recording the push
     buckets: int = 0  # buckets sent (push paths)
+    # disk: every node's copy, and the copies' path below each node's hybrid.shm_dir
+    directories: list[WrittenDirectory] = field(default_factory=list)
+    shm_name: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -55,15 +60,16 @@ class SyncedWeights:
 
 
 class RegisteredWeights(BaseModel):
-    """A weight version in shared memory (disk path), as `<run prefix>weights/<version>` records it: where
-    its safetensors shards are, on which host, and their sizes (what the engines' sidecars load)."""
+    """A weight version in shared memory (disk path), as `<run prefix>weights/<version>` records it: each
+    node's copy (host, directory, file sizes), what the engines' sidecars load or fetch."""
 
     weight_version: str
-    host: str
-    directory: str
-    shards: dict[str, int]  # file name → bytes
-    total_bytes: int
+    directories: list[WrittenDirectory]
+    total_bytes: int  # the model's tensors
     registered_at: datetime.datetime
+
+
+SHM_DIRECTORY_PREFIX = "megatron-rl-weights-"  # a run's weight versions lie in hybrid.shm_dir/<this><run key>/
 
 
 def weights_prefix(run_name: str) -> str:
@@ -72,13 +78,10 @@ def weights_prefix(run_name: str) -> str:
 
 
 def register_weights(store: MetadataStore, run_name: str, weights: SyncedWeights) -> RegisteredWeights:
-    """Record the shards of the directory `weights.path` (its index names them) as the run's newest weight
-    version, and drop the record of any older one (its directory is gone once the engines load this)."""
-    index = json.loads((weights.path / "model.safetensors.index.json").read_text())
-    shards = {name: (weights.path / name).stat().st_size for name in sorted(set(index["weight_map"].values()))}
-    record = RegisteredWeights(weight_version=weights.weight_version, host=socket.gethostname(),
-                               directory=str(weights.path), shards=shards, total_bytes=sum(shards.values()),
-                               registered_at=datetime.datetime.now(datetime.timezone.utc))
+    """Record the copies of `weights` as the run's newest weight version, and drop the record of any older
+    one (its directories are gone once the engines load this)."""
+    record = RegisteredWeights(weight_version=weights.weight_version, directories=weights.directories,
+                               total_bytes=weights.bytes, registered_at=datetime.datetime.now(datetime.timezone.utc))
     key = weights_prefix(run_name) + weights.weight_version
     store.put(key, record.model_dump_json())
     for older in store.get_prefix(weights_prefix(run_name)):
@@ -100,13 +103,14 @@ class DiskWeightSync:
     loaded directory from then on (it keeps the last one, to re-load it after an engine restart)."""
 
     def __init__(self, shm_dir: str | Path, run_dir: Path, bucket_bytes: int):
-        root = Path(shm_dir)
+        root = Path(shm_dir).resolve()
+        self.shm_dir = root
         if not root.is_dir():
-            raise UserError(f"hybrid.shm_dir {root} is not a directory; point it at shared memory (/dev/shm) "
+            raise UserError(f"hybrid.shm_dir {shm_dir} is not a directory; point it at shared memory (/dev/shm) "
                             "or another directory both trainer and engine can read")
         # One directory per run (ranks on a node derive the same name), so two runs never collide.
         run_key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
-        self.directory = root / f"megatron-rl-weights-{run_key}"
+        self.directory = root / f"{SHM_DIRECTORY_PREFIX}{run_key}"
         self.bucket_bytes = bucket_bytes
 
     def push(self, trainer, weight_version: str, named_parameters=None) -> SyncedWeights:
@@ -118,7 +122,8 @@ class DiskWeightSync:
         target = self.directory / f"v{weight_version}"
         written = write_hf_model(trainer.model, trainer.arch, target, trainer.hf_source, self.bucket_bytes,
                                  named_parameters=named_parameters)
-        return SyncedWeights(weight_version, target, written, time.monotonic() - started)
+        return SyncedWeights(weight_version, target, written.bytes, time.monotonic() - started,
+                             directories=written.directories, shm_name=str(target.relative_to(self.shm_dir)))
 
     def close(self) -> None:
         """Free the shared memory this run's weights still hold (every rank may call it)."""

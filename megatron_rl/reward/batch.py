@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,24 @@ TASK_TYPES = ("math", "code", "judge")
 if TYPE_CHECKING:
     from megatron_rl.reward.judge import Judge, JudgeConfig
     from megatron_rl.reward.sandbox.pool import Sandbox
+
+
+def math_worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned worker processes for math rewards (see the module docstring), which end when the process
+    that made the pool dies, even by SIGKILL: a killed trainer leaves no workers behind."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A watcher thread, not PR_SET_PDEATHSIG: that fires when the spawning *thread* ends, and the pool spawns
+    # its workers from whichever thread submits.
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -108,8 +128,7 @@ def score_batch(
     math_requests = [requests[position] for position in scored["math"]]
     pool = None
     if executor is None and workers > 1 and len(math_requests) > 1:
-        pool = executor = ProcessPoolExecutor(min(workers, len(math_requests)),
-                                              mp_context=multiprocessing.get_context("spawn"))
+        pool = executor = math_worker_pool(min(workers, len(math_requests)))
     try:
         # Submitted first, so the pool works on math while code and judge requests are scored here.
         math_futures = [executor.submit(_score_math, request) for request in math_requests] if executor else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from megatron_rl.train import parallel
 from megatron_rl.train.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from megatron_rl.train.convert import iter_hf_buckets, load_hf_weights
 from megatron_rl.train.forward import Microbatch, run_pipeline
-from megatron_rl.hf_checkpoint import SafetensorsReader, copy_tokenizer_files, read_hf_config, resolve_hf_dir
+from megatron_rl.hf_checkpoint import (
+    SafetensorsReader, WrittenDirectory, copy_tokenizer_files, read_hf_config, resolve_hf_dir,
+)
 from megatron_rl.train.model import ModelArchitecture, architecture_from_hf_config, build_gpt_model, check_parallel_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,40 +79,62 @@ def _mcore_to_hf_rank(mcore_dir: Path, out: Path, tp: int, pp: int, bucket_bytes
                        dtype=_hf_dtype(read_hf_config(mcore_dir / "hf")))
 
 
+@dataclass
+class WrittenModel:
+    bytes: int  # the model's tensors, counted once
+    directories: list[WrittenDirectory]
+
+
 def write_hf_model(model, arch: ModelArchitecture, out: Path, hf_source: Path, bucket_bytes: int,
-                   dtype: torch.dtype | None = None, named_parameters=None) -> int:
+                   dtype: torch.dtype | None = None, named_parameters=None) -> WrittenModel:
     """Collective: stream this stage's weights in buckets into sharded safetensors plus an index.
 
+    Ranks may be given different `out` directories (each node its own shared memory): every distinct
+    (host, out) gets its copy of each stage some rank there holds, written by that stage's first rank there
+    with TP rank 0 (data-parallel replicas hold the same weights), and its own index, config and tokenizer.
     Tensors are written in `dtype` (None: the parameters' own), read from `named_parameters` (see
-    iter_hf_buckets; default: the model's). Returns the bytes written in all.
+    iter_hf_buckets; default: the model's).
     """
     from megatron.core import parallel_state
 
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    # One writer per pipeline stage: data-parallel replicas hold the same weights.
-    writes = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-    if dist.get_rank() == 0:
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, (socket.gethostname(), str(out), stage, tp_rank))
+    me = dist.get_rank()
+    copy = ranks[me][:2]
+    same_copy = [rank for rank, (host, path, _, _) in enumerate(ranks) if (host, path) == copy]
+    writes = me == min(rank for rank in same_copy if ranks[rank][2:] == (stage, 0))
+    if me == same_copy[0]:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     weight_map: dict[str, str] = {}
+    shards: dict[str, int] = {}
     total_bytes = 0
     for number, bucket in enumerate(iter_hf_buckets(model, arch, bucket_bytes, dtype=dtype, named_parameters=named_parameters)):
         file_name = f"model-stage{stage:03d}-{number:05d}.safetensors"
         if writes:
             save_file({name: tensor.cpu() for name, tensor in bucket}, str(out / file_name), metadata={"format": "pt"})
+            shards[file_name] = (out / file_name).stat().st_size
         weight_map.update({name: file_name for name, _ in bucket})
         total_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
     maps: list = [None] * dist.get_world_size()
-    dist.all_gather_object(maps, (weight_map, total_bytes if writes else 0))
-    written = sum(size for _, size in maps)
-    if dist.get_rank() == 0:
-        merged = {name: file for stage_map, _ in maps for name, file in stage_map.items()}
-        index = {"metadata": {"total_size": written}, "weight_map": dict(sorted(merged.items()))}
+    dist.all_gather_object(maps, (stage, weight_map, total_bytes, shards))
+    merged = {name: file for _, stage_map, _, _ in maps for name, file in stage_map.items()}
+    model_bytes = sum({stage_of: size for stage_of, _, size, _ in maps}.values())
+    if me == same_copy[0]:  # the same index, config and tokenizer in every copy
+        index = {"metadata": {"total_size": model_bytes}, "weight_map": dict(sorted(merged.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         shutil.copy2(hf_source / "config.json", out / "config.json")
         copy_tokenizer_files(hf_source, out)
     dist.barrier()
-    return written
+    metadata = {path.name: path.stat().st_size for path in out.iterdir()
+                if path.is_file() and not path.name.endswith(".safetensors")}
+    directories: dict[tuple[str, str], dict[str, int]] = {}
+    for (host, path, _, _), (_, _, _, written) in zip(ranks, maps):
+        directories.setdefault((host, path), dict(metadata)).update(written)
+    return WrittenModel(model_bytes, [WrittenDirectory(host, path, dict(sorted(files.items())))
+                                      for (host, path), files in directories.items()])
 
 
 # --- verify ----------------------------------------------------------------------------------

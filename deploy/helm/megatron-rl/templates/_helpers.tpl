@@ -190,8 +190,8 @@ pod, on the command lines (from the pod's name). */}}
 {{- fail (printf "rollout.enginePort, rollout.sidecarPort and rendezvous.port must differ (they share the pod's network): %v" $ports) -}}
 {{- end -}}
 {{- $weightSync := get (get .Values.config "hybrid" | default dict) "weight_sync" | default "disk" -}}
-{{- if and (gt (int .Values.nodes) 1) (ne $weightSync "nccl") -}}
-{{- fail (printf "config.hybrid.weight_sync: with nodes > 1 every pod's engine rolls out and gets the weights by broadcast from the trainer; set it to nccl (not %s)" $weightSync) -}}
+{{- if and (gt (int .Values.nodes) 1) (eq $weightSync "cuda_ipc") -}}
+{{- fail "config.hybrid.weight_sync: with nodes > 1 every pod's engine rolls out, and cuda_ipc hands weights over within one node only; set it to disk (each pod's sidecar fetches what its node's copy lacks) or nccl (broadcast)" -}}
 {{- end -}}
 {{- if and (gt (int .Values.nodes) 1) (not .Values.checkpoints.existingClaim) (not (has "ReadWriteMany" .Values.checkpoints.accessModes)) -}}
 {{- fail "checkpoints.accessModes: with nodes > 1 every pod writes checkpoint shards to the run directory; use ReadWriteMany (or an existingClaim on a shared file system)" -}}
