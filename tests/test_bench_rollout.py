@@ -13,10 +13,9 @@ from megatron_rl.rollout.engine_process import EmbeddedEngineProcess
 
 SETTINGS = BenchSettings(model="builtin:tiny-digits", samples_per_prompt=2, groups_per_iteration=3, length_median=6,
                          length_sigma=1.0, length_min=2, length_cap=40, segment_tokens=8, sync_iterations=2,
-                         partial_iterations=3, saturated_seconds=2.0)
+                         partial_iterations=3)
 SMALL = [argument for name in ("model", "samples_per_prompt", "groups_per_iteration", "length_median", "length_sigma",
-                               "length_min", "length_cap", "segment_tokens", "sync_iterations", "partial_iterations",
-                               "saturated_seconds")
+                               "length_min", "length_cap", "segment_tokens", "sync_iterations", "partial_iterations")
          for argument in (f"--{name.replace('_', '-')}", str(getattr(SETTINGS, name)))]
 
 
@@ -37,7 +36,9 @@ def two_engines(tmp_path_factory):
 @pytest.mark.parametrize("engines", [0, 2])
 def test_the_bench_measures_each_mode_and_writes_its_files(tmp_path, capsys, two_engines, engines):
     urls = [argument for engine in two_engines[:engines] for argument in ("--engine-url", engine.url)]
-    assert main(["bench", "rollout", *SMALL, *urls, "--output-dir", str(tmp_path)]) == 0
+    # Several engines: the saturated ceiling runs as long as the partial rollouts took (the default).
+    duration = [] if engines else ["--saturated-seconds", "2.0"]
+    assert main(["bench", "rollout", *SMALL, *duration, *urls, "--output-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_rollout.json").read_text())
     assert (tmp_path / "bench_rollout.png").stat().st_size > 0
     assert "| partial |" in capsys.readouterr().out
@@ -53,6 +54,7 @@ def test_the_bench_measures_each_mode_and_writes_its_files(tmp_path, capsys, two
     assert modes["partial"]["wasted_tokens"] == 0
     assert modes["partial"]["finished_trajectories"] == 2 * sum(r["finished_groups"] for r in modes["partial"]["iterations"])
     assert modes["saturated"]["output_tokens"] > 0 and report["partial_vs_sync"] > 0
+    assert modes["saturated"]["seconds"] >= (modes["partial"]["seconds"] if engines else 2.0)
     answered = report["engine"]["requests_answered"]
     assert len(answered) == max(engines, 1) and min(answered.values()) > 0  # every engine served
     if engines:

@@ -13,10 +13,7 @@ exactly the same trajectories: the same prompts (one `PromptSampler`, same seed,
 draw), lengths and sampling seeds (temperature 1). Repeat detection is off (it would end some samples
 early in one mode only).
 
-Measurements:
-- saturated: every engine slot busy with the workload's requests (one is sent whenever one returns), no
-  iteration boundary, for `--saturated-seconds`; then the running ones are stopped. The ceiling: what
-  the engine delivers on this workload when nothing ever waits (its one cold start is included).
+Measurements, in this order:
 - sync: synchronous full rollouts, `--groups-per-iteration` groups of `--samples-per-prompt` per
   iteration, each run to its end; the iteration waits for its longest trajectory.
 - partial: partial rollouts (rollout/partial.py) with an iteration budget of the expected output of the
@@ -25,6 +22,13 @@ Measurements:
   budget is spent are stopped and continued in the next iteration from prompt + tokens so far: the
   engine prefills those tokens again (a weight update between iterations invalidates their KV), which
   the table reports as "resent tokens".
+- saturated: every engine slot busy with the workload's requests (one is sent whenever one returns), no
+  iteration boundary, for `--saturated-seconds` (default: as long as the partial rollouts took); then the
+  running ones are stopped. The ceiling: what the engine delivers on this workload when nothing ever
+  waits (its one cold start is included). It runs as long as the partial rollouts so that both hold the
+  same share of cold start and the same range of trajectory lengths: a slot makes a few tokens per second
+  on CPU, so a short window stops every trajectory while it is still short, where the partial rollouts
+  continue theirs over iterations up to `--length-cap`.
 
 Metrics: output tok/s = tokens generated / wall time (stopped requests' partial outputs included: they
 are kept and continued, not lost); engine busy = share of slot time with a request running (from the
@@ -80,7 +84,7 @@ class BenchSettings:
     max_iterations_per_trajectory: int = 8
     sync_iterations: int = 3
     partial_iterations: int = 4
-    saturated_seconds: float = 45.0
+    saturated_seconds: float | None = None  # None: as long as the partial rollouts took
     seed: int = 0
     output_dir: str = "benchmarks/results"
 
@@ -154,8 +158,8 @@ def _timeline(master: RolloutMaster, started: float) -> list[tuple[float, int]]:
     return points
 
 
-def measure_saturated(master: RolloutMaster, workload: Workload) -> ModeResult:
-    """Every slot busy for `saturated_seconds` with the workload's requests, then stop (module docstring)."""
+def measure_saturated(master: RolloutMaster, workload: Workload, seconds: float) -> ModeResult:
+    """Every slot busy for `seconds` with the workload's requests, then stop (module docstring)."""
     sampler, settings, base = workload.sampler(), workload.settings, workload.sampling()
 
     def requests():  # the trajectories the rollout modes start, in the same order, with the same seeds
@@ -168,7 +172,7 @@ def measure_saturated(master: RolloutMaster, workload: Workload) -> ModeResult:
 
     next_requests = requests()
     started, busy_before = time.monotonic(), master.busy_slot_seconds()
-    deadline = started + settings.saturated_seconds
+    deadline = started + seconds
     in_flight: set[Future] = set()
     tokens = finished = 0
     stopping = False
@@ -269,9 +273,6 @@ def run(settings: BenchSettings) -> dict:
             for client in clients:
                 client.generate([GenerateRequest(input_ids=workload.prompts[0].input_ids,
                                                  sampling_params=SamplingParams(max_new_tokens=4))])
-            saturated = measure_saturated(master, workload)
-            print(f"  saturated: {saturated.tokens_per_second:.1f} tok/s over {saturated.seconds:.1f} s, busy "
-                  f"{saturated.busy_fraction:.0%}", flush=True)
             sync = measure_rollouts(master, workload, "sync", settings.sync_iterations, PartialRolloutSettings(
                 samples_per_prompt=settings.samples_per_prompt, groups_per_iteration=settings.groups_per_iteration,
                 max_new_tokens=settings.length_cap), weight_version)
@@ -280,6 +281,9 @@ def run(settings: BenchSettings) -> dict:
                 max_new_tokens=settings.length_cap, segment_token_budget=settings.segment_tokens,
                 iteration_token_budget=budget, max_iterations_per_trajectory=settings.max_iterations_per_trajectory),
                 weight_version)
+            saturated = measure_saturated(master, workload, settings.saturated_seconds or partial.seconds)
+            print(f"  saturated: {saturated.tokens_per_second:.1f} tok/s over {saturated.seconds:.1f} s, busy "
+                  f"{saturated.busy_fraction:.0%}", flush=True)
             requests_per_engine = {engine.url: engine.completed for engine in master.stats()}
             master.close()
         finally:

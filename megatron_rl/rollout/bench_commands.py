@@ -35,7 +35,9 @@ def register(subparsers) -> None:
                          help="partial rollouts: the staleness bound")
     rollout.add_argument("--sync-iterations", type=int, default=defaults.sync_iterations)
     rollout.add_argument("--partial-iterations", type=int, default=defaults.partial_iterations)
-    rollout.add_argument("--saturated-seconds", type=float, default=defaults.saturated_seconds)
+    rollout.add_argument("--saturated-seconds", type=float, default=defaults.saturated_seconds,
+                         help="how long the saturated measurement runs (default: as long as the partial rollouts "
+                              "took, so that its trajectories grow as long as theirs)")
     rollout.add_argument("--seed", type=int, default=defaults.seed)
     rollout.add_argument("--output-dir", default=defaults.output_dir, help="where the JSON and PNG files go")
     rollout.set_defaults(handler=run_rollout_bench)
@@ -53,6 +55,6 @@ def run_rollout_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1 (got {values[name]})")
     if values["length_min"] > values["length_cap"]:
         raise UserError(f"--length-min ({values['length_min']}) must not exceed --length-cap ({values['length_cap']})")
-    if values["length_sigma"] <= 0 or values["saturated_seconds"] <= 0:
+    if values["length_sigma"] <= 0 or (values["saturated_seconds"] is not None and values["saturated_seconds"] <= 0):
         raise UserError("--length-sigma and --saturated-seconds must be > 0")
     return main(BenchSettings(**values))
