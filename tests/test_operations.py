@@ -21,7 +21,9 @@ from etcd_server import etcd_server  # noqa: F401 (a pytest fixture)
 from megatron_rl.cli import main
 from megatron_rl.control import run_prefix
 from megatron_rl.control.etcd_store import EtcdStore
-from megatron_rl.control.operations import RunControl, RunOperation, control_for_run_dir
+from megatron_rl.control.operations import RunControl, RunOperation, RunStatus, control_for_run_dir
+from megatron_rl.hf_checkpoint import WrittenDirectory
+from megatron_rl.hybrid.weight_sync import SyncedWeights, register_weights
 from megatron_rl.rollout.replay_buffer import decode_state
 from megatron_rl.train.checkpoint import RunCheckpoints, read_run_file
 
@@ -219,3 +221,24 @@ def test_pause_now_interrupts_the_rollout_and_the_resumed_run_continues_its_part
     waiting = {g.group_id for g in decode_state(read_run_file(RunCheckpoints(run_dir).latest(), "replay_buffer.jsonl"),
                                                 "final").groups}
     assert {g.group_id for g in kept.groups} <= {group for group, _ in trained} | waiting
+
+
+def test_runs_status_shows_each_nodes_copy_of_the_weight_version_on_record(etcd_server, capsys):  # noqa: F811
+    """With two nodes each training one pipeline stage, each node's shared memory holds its own part."""
+    run_name = f"status-{uuid.uuid4().hex[:8]}"
+    store = EtcdStore([etcd_server.endpoint], timeout=5.0)
+    try:
+        RunControl(Path("."), run_name, store).publish(RunStatus(run_name=run_name, run_dir="/runs/two-nodes",
+                                                                 state="running", driver="node-0:7", iteration=3))
+        copies = [WrittenDirectory("node-0", "/dev/shm/w/v3", {"model-stage000-00000.safetensors": 600_000,
+                                                               "config.json": 700}),
+                  WrittenDirectory("node-1", "/dev/shm/w/v3", {"model-stage001-00000.safetensors": 400_000,
+                                                               "config.json": 700})]
+        register_weights(store, run_name, SyncedWeights("3", Path("/dev/shm/w/v3"), 1_000_000, 0.5,
+                                                        directories=copies, shm_name="w/v3"))
+        assert main(["runs", "status", run_name, "--etcd", etcd_server.endpoint]) == 0
+    finally:
+        store.close()
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("weights")]
+    assert shown == ["weights    version 3 on node-0 at /dev/shm/w/v3: 2 files, 0.6 MB",
+                     "weights    version 3 on node-1 at /dev/shm/w/v3: 2 files, 0.4 MB"]

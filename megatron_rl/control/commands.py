@@ -120,6 +120,10 @@ def _status(args: argparse.Namespace) -> int:
     for engine in status.engines:
         print(f"engine     {engine.state} at {engine.engine_url}, weight version {engine.weight_version or '-'}, "
               f"{engine.restarts} restart(s)")
+    for record in control.registered_weights():
+        for copy in record.directories:
+            print(f"weights    version {record.weight_version} on {copy.host} at {copy.path}: {len(copy.files)} "
+                  f"files, {sum(copy.files.values()) / 1e6:.1f} MB")
     if pending is not None:
         print(f"pending    {pending.op}{' (now)' if pending.now else ''}, requested {pending.requested_at}")
     if status.recent:

@@ -15,13 +15,16 @@ import datetime
 import os
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from megatron_rl.atomic_file import atomic_text_file
 from megatron_rl.control.store import MetadataStore, run_prefix
 from megatron_rl.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron_rl.hybrid.weight_sync import RegisteredWeights
 
 OperationKind = Literal["pause", "stop"]
 RunState = Literal["running", "paused", "stopped", "done", "failed"]
@@ -126,6 +129,21 @@ class RunControl:
 
     def publish(self, status: RunStatus) -> None:
         self._write("status", status)
+
+    def registered_weights(self) -> list[RegisteredWeights]:
+        """The weight versions (disk path) on record in etcd with each node's copy; none without a store."""
+        from megatron_rl.hybrid.weight_sync import RegisteredWeights, weights_prefix
+
+        if self.store is None:
+            return []
+        records = []
+        for key, raw in sorted(self.store.get_prefix(weights_prefix(self.run_name)).items()):
+            try:
+                records.append(RegisteredWeights.model_validate_json(raw))
+            except ValidationError as error:
+                raise UserError(f"run {self.run_name}: its weight record {key} is unreadable "
+                                f"({error.errors()[0]['msg']}); the run rewrites it at its next weight sync") from None
+        return records
 
 
 def driver_alive(driver: str) -> bool | None:
