@@ -99,7 +99,7 @@ def test_each_node_gets_a_copy_of_the_stages_trained_there(written_copies, tiny_
 def test_a_plan_fetches_only_what_the_engines_node_lacks_and_spreads_it_over_the_holders(written_copies, tmp_path):
     root, stages = written_copies["stage per node"]
     weights = _synced(stages, root)
-    servers = [_status("pod-0", root / "shm0", "http://pod-0:31000"), _status("pod-1", root / "shm1", "http://pod-1:31000")]
+    servers = [_status(f"pod-{node}", root / f"shm{node}", f"http://pod-{node}:31000") for node in (0, 1)]
     by_node = {Path(copy.path).parts[-3]: copy for copy in stages.directories}
 
     path, sources = plan_delivery(weights, servers[1], servers)
@@ -126,8 +126,9 @@ def test_a_plan_fetches_only_what_the_engines_node_lacks_and_spreads_it_over_the
 def test_a_file_no_sidecar_serves_is_a_clear_error(written_copies, tmp_path):
     root, stages = written_copies["stage per node"]
     servers = [_status("pod-1", root / "shm1", "http://pod-1:31000")]  # pod-0's sidecar does not answer
-    with pytest.raises(RunError, match=r"pod-1's engine .* needs model-stage000-\d+.safetensors of weight version 1, "
-                                       r"which was written only on .*, where no sidecar of the run serves weight files"):
+    with pytest.raises(RunError, match=r"pod-1's engine .* needs model-stage000-\d+.safetensors of weight version "
+                                       r"1, which was written only on .*, where no sidecar of the run serves weight "
+                                       r"files"):
         plan_delivery(_synced(stages, root), servers[0], servers)
 
 
@@ -163,7 +164,8 @@ def test_the_file_server_refuses_strangers_other_paths_and_gone_files(written_co
     with pytest.raises(SidecarAuthError, match="bearer token"):
         SidecarClient(serving_sidecar, "wrong", timeout=10).download(
             f"/v1/weight-files/{VERSION_DIRECTORY}/config.json", tmp_path / "x")
-    for bad in ("etc/v1/passwd", "megatron-rl-weights-0123456789ab/v1/.hidden", "megatron-rl-weights-0123456789ab/x/config.json"):
+    for bad in ("etc/v1/passwd", "megatron-rl-weights-0123456789ab/v1/.hidden",
+                "megatron-rl-weights-0123456789ab/x/config.json"):
         with pytest.raises(SidecarRequestError, match="not a weight file's name"):
             client.download(f"/v1/weight-files/{bad}", tmp_path / "x")
     with pytest.raises(SidecarNotFound, match=r"not in this sidecar's shared memory .*\(a newer one loaded\)"):

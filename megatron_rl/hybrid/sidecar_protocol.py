@@ -19,8 +19,8 @@ HTTP (`megatron-rl sidecar`, all under /v1/, JSON; `Authorization: Bearer <token
 
 Errors are `{"error": {"message", "type"}}`, `type` naming the `SidecarError` class below, with its
 HTTP status (400 bad request, 401 no or wrong token, 404 no such weight file, 409 not allowed in the
-current state, 503 the engine cannot serve it). The client raises the same classes, so in-process and HTTP callers handle
-errors alike.
+current state, 503 the engine cannot serve it). The client raises the same classes, so in-process and
+HTTP callers handle errors alike.
 
 Metadata store (when the sidecar has one), under `run_prefix(run_name)`:
 

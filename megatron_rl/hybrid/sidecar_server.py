@@ -160,7 +160,8 @@ def serving_in_thread(sidecar: Sidecar, token: str | None = None, host: str = "1
     tests; `megatron-rl sidecar` serves in the foreground); yields its URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(sidecar, token), host=host, port=free_port(), log_level="warning"))
+    config = uvicorn.Config(create_app(sidecar, token), host=host, port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="sidecar-api", daemon=True)
     thread.start()
     while not server.started:
@@ -168,7 +169,7 @@ def serving_in_thread(sidecar: Sidecar, token: str | None = None, host: str = "1
             raise RuntimeError(f"the sidecar's control API did not start on {host} (see the log above)")
         time.sleep(0.02)
     try:
-        yield engine_url(host, server.config.port)
+        yield engine_url(host, config.port)
     finally:
         server.should_exit = True
         thread.join(10)

@@ -55,7 +55,8 @@ def plan_delivery(weights: SyncedWeights, engine: SidecarStatus,
             raise RunError(f"{engine.pod_name}'s engine (on {engine.host}) needs {name} of weight version "
                            f"{weights.weight_version}, which was written only on {where}, where no sidecar of the "
                            "run serves weight files; run `megatron-rl sidecar` on that node, reachable from the "
-                           "others (hybrid.peer_sidecar_urls and hybrid.advertise_host), or use hybrid.weight_sync=nccl")
+                           "others (hybrid.peer_sidecar_urls and hybrid.advertise_host), or use "
+                           "hybrid.weight_sync=nccl")
         server = holders[number % len(holders)]  # spread the fetch over the nodes that hold the file
         by_server.setdefault(server.control_url, {})[name] = wanted[name]
     return str(path), [WeightSource(sidecar_url=url, directory=weights.shm_name, files=files)
