@@ -115,13 +115,23 @@ def test_retract_resumes_and_completes(client):
 
 def test_abort_one_row_leaves_the_others_correct(client):
     prompts = {"row-A": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], "row-B": [4, 4, 4], "row-C": [77, 3]}
-    # B and C run long (the positions allow 256), so that the poll below, which competes with the decoding
-    # engine for its server's attention, sees all three running before C ends.
     counts = {"row-A": 240, "row-B": 200, "row-C": 180}
     expected = {rid: client.generate([request(prompts[rid], greedy(counts[rid]))])[0] for rid in ("row-B", "row-C")}
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(client.generate, [request(prompts[rid], greedy(counts[rid]), rid=rid) for rid in prompts])
-        wait_for(lambda: min(stats(client)["running_progress"].get(rid, 0) for rid in prompts) >= 2, "all to decode")
+        seen: list[dict] = []
+
+        def all_decoding() -> bool:
+            seen.append(stats(client))
+            return min(seen[-1]["running_progress"].get(rid, 0) for rid in prompts) >= 2
+
+        try:
+            wait_for(all_decoding, "all to decode")
+        except AssertionError:
+            keys = ("running_progress", "waiting_rids", "paused", "max_running_requests", "kv_cache_tokens")
+            raise AssertionError(f"the three rows were never seen decoding together; the engine's stats, first: "
+                                 f"{[{k: s[k] for k in keys} for s in seen[:3]]}, last: "
+                                 f"{[{k: s[k] for k in keys} for s in seen[-2:]]}") from None
         client.pause_generation("in_place")
         before = stats(client)
         client.abort_request("row-A")
