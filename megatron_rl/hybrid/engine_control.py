@@ -163,30 +163,28 @@ class EngineControl:
         if self.lifecycle == "release" and "weights" in self.control.status().released_tags:
             self._do("resuming the engine's weights", lambda: self.control.resume_memory(["weights"]))
 
-    def load(self, weights: SyncedWeights, servers: list[SidecarStatus]) -> float:
+    def load(self, weights: SyncedWeights, servers: list[SidecarStatus], status: SidecarStatus | None = None) -> float:
         """Load a written weight version (a stopped engine loads it at start), fetching what this node's copy
         lacks from `servers` (weight_delivery.py), or record a pushed one, and check the engine serves it;
-        returns the seconds it took."""
+        returns the seconds it took. `status`: the sidecar's, if just asked (else it is asked here)."""
         started = time.monotonic()
         if weights.path is None:
             self._do(f"weight sync of version {weights.weight_version}",
                      lambda: self.control.weights_pushed(weights.weight_version))
         else:
             def load_from_disk() -> SidecarStatus:
-                path, sources = plan_delivery(weights, self.control.status(), servers)
+                path, sources = plan_delivery(weights, status or self.control.status(), servers)
                 return self.control.load_weights(path, weights.weight_version, sources)
 
             self._do(f"weight sync of version {weights.weight_version}", load_from_disk)
         return time.monotonic() - started
 
-    def weight_server(self) -> SidecarStatus | None:
-        """The sidecar's status if other pods' sidecars can fetch weight files from it, else None (an
-        in-process sidecar or a bare engine serves none; one that does not answer serves none now)."""
+    def answered_status(self) -> SidecarStatus | None:
+        """The sidecar's status, or None if it does not answer now (`load` then asks again, to report why)."""
         try:
-            status = self.control.status()
+            return self.control.status()
         except (SidecarError, EngineError):
             return None
-        return status if status.control_url is not None else None
 
     def resume(self, weight_version: str) -> None:
         """After the weight push: the rest of the engine's memory back, or the engine started again."""
@@ -301,10 +299,12 @@ class EngineGroup:
 
     def load(self, weights: SyncedWeights) -> None:
         """Every engine loads (or records) the version; `weights.load_seconds` is their total."""
-        servers = []
-        if weights.path is not None:  # the sidecars other pods may fetch weight files from
-            servers = [status for status in map(EngineControl.weight_server, self.controls) if status is not None]
-        weights.load_seconds = sum(control.load(weights, servers) for control in self.controls)
+        statuses = [None] * len(self.controls)
+        if weights.path is not None:  # asked once: where each engine loads from, and whom others fetch from
+            statuses = [control.answered_status() for control in self.controls]
+        servers = [status for status in statuses if status is not None and status.control_url is not None]
+        weights.load_seconds = sum(control.load(weights, servers, status)
+                                   for control, status in zip(self.controls, statuses))
 
     def resume(self, weight_version: str) -> None:
         for control in self.controls:
